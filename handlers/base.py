@@ -1,0 +1,90 @@
+"""The handler interface every runtime implements (DESIGN §4).
+
+A handler module imports its framework only inside its methods, never at module level, so
+that probing and detection run on a host that lacks the framework.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from serving.errors import ServingError
+from serving.types import (
+    Artifact,
+    BatchMode,
+    Device,
+    ModelConfig,
+    RawRequest,
+    RawResponse,
+    Signature,
+    Tensors,
+)
+
+
+class Handler(abc.ABC):
+    """One loaded model on one device."""
+
+    #: name used by the registry and shown by ``onebox detect``
+    name: ClassVar[str] = ""
+    #: True for handlers that take the raw body (user scripts) instead of decoded tensors
+    raw: ClassVar[bool] = False
+
+    signature: Signature = Signature()
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls, model_dir: Path) -> Artifact | None:
+        """Recognise the artifact by reading bytes or zip directories only; never import a framework."""
+
+    @abc.abstractmethod
+    def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
+        """Load the artifact onto ``device`` and set ``self.signature``."""
+
+    def predict(self, inputs: Tensors) -> Tensors:
+        """Run one batch: named arrays in, named arrays out, same leading size."""
+        raise NotImplementedError(f"{self.name} takes raw requests, not tensors")
+
+    def invoke_raw(self, request: RawRequest) -> RawResponse:
+        """Handle one undecoded request (user scripts only)."""
+        raise NotImplementedError(f"{self.name} takes tensors, not raw requests")
+
+    def unload(self) -> None:
+        """Release the model and its device memory."""
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run each batch size once with random inputs built from the signature."""
+        rng = np.random.default_rng(0)
+        for size in batch_sizes:
+            inputs = sample_inputs(self.signature, size, rng)
+            if inputs is None:
+                return
+            self.predict(inputs)
+
+
+def sample_inputs(signature: Signature, batch: int, rng: np.random.Generator) -> Tensors | None:
+    """Random inputs matching ``signature`` with leading size ``batch``; None if a shape is unknown."""
+    inputs: Tensors = {}
+    for spec in signature.inputs:
+        dims = list(spec.shape)
+        if signature.batch is not BatchMode.NONE and dims:
+            dims[0] = batch
+        if any(d < 0 for d in dims):
+            return None
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            inputs[spec.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype.kind in "iu":
+            inputs[spec.name] = rng.integers(0, 2, size=dims).astype(dtype)
+        elif dtype.kind == "b":
+            inputs[spec.name] = rng.integers(0, 2, size=dims).astype(bool)
+        else:
+            return None
+    return inputs if inputs else None
+
+
+class DetectionError(ServingError):
+    """The model directory holds nothing servable, or several candidates and no override."""

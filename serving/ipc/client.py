@@ -1,0 +1,122 @@
+"""The frontend side of the IPC: typed calls to a model host, each with a deadline.
+
+Each thread keeps its own connection to each host, so a call never waits for another
+thread's answer and answers can never be mixed up. A call that times out or breaks closes
+its connection: a late answer is dropped with the socket instead of reaching the next call.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from serving.errors import DeadlineExceeded, NotReady, from_status
+from serving.ipc.protocol import ConnectionClosed, decode_tensors, encode_tensors, recv_message, send_message
+from serving.types import RawRequest, RawResponse, Tensors
+
+
+class HostClient:
+    """Calls one model host over its Unix socket."""
+
+    def __init__(self, socket_path: str, name: str = "host"):
+        self.socket_path = socket_path
+        self.name = name
+        self._local = threading.local()
+        self._outstanding = 0  # calls in flight from this process, for least-loaded routing
+        self._lock = threading.Lock()
+
+    @property
+    def outstanding(self) -> int:
+        """Calls this process has in flight to the host."""
+        return self._outstanding
+
+    # -- typed calls ---------------------------------------------------------------------
+    def infer(self, model: str, inputs: Tensors, deadline: float) -> Tensors:
+        """Run decoded tensors through ``model``; returns its named outputs."""
+        specs, buffers = encode_tensors(inputs)
+        header, out = self.call({"op": "infer", "model": model, "inputs": specs}, buffers, deadline)
+        return decode_tensors(header["outputs"], out)
+
+    def invoke(self, model: str, request: RawRequest, deadline: float) -> RawResponse:
+        """Pass an undecoded request to a user-script model."""
+        header = {
+            "op": "invoke",
+            "model": model,
+            "content_type": request.content_type,
+            "accept": request.accept,
+            "custom_attributes": request.custom_attributes,
+        }
+        reply, out = self.call(header, [request.body], deadline)
+        return RawResponse(bytes(out[0]), reply["content_type"], reply.get("custom_attributes"))
+
+    def describe(self, model: str, deadline: float) -> dict:
+        """How ``model`` wants to be called: ``{"raw": bool, "signature": {...}, ...}``."""
+        return self.call({"op": "describe", "model": model}, [], deadline)[0]
+
+    def health(self, deadline: float) -> dict:
+        """``{"ready": bool, "models": [...]}`` from the host."""
+        return self.call({"op": "health"}, [], deadline)[0]
+
+    def load(self, model: str, path: str, deadline: float) -> dict:
+        """Load the model directory ``path`` under the name ``model``."""
+        return self.call({"op": "load", "model": model, "path": path}, [], deadline)[0]
+
+    def unload(self, model: str, deadline: float) -> dict:
+        """Unload ``model`` once its in-flight requests are done."""
+        return self.call({"op": "unload", "model": model}, [], deadline)[0]
+
+    # -- transport -----------------------------------------------------------------------
+    def call(self, header: dict, buffers: list, deadline: float) -> tuple[dict, list[bytearray]]:
+        """Send one message and wait for its answer until ``deadline`` (``time.time()`` seconds)."""
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached the model")
+        with self._lock:
+            self._outstanding += 1
+        try:
+            return self._call(header, buffers, deadline, remaining)
+        finally:
+            with self._lock:
+                self._outstanding -= 1
+
+    def _call(self, header: dict, buffers: list, deadline: float, remaining: float):
+        sock = self._connection()
+        try:
+            sock.settimeout(remaining)
+            send_message(sock, {**header, "deadline": deadline}, buffers)
+            reply, out = recv_message(sock)
+        except socket.timeout:
+            self._drop()
+            raise DeadlineExceeded(
+                f"no answer from the model within the deadline ({remaining:.1f}s)"
+            ) from None
+        except (ConnectionClosed, ConnectionError, OSError) as exc:
+            self._drop()
+            raise NotReady(f"the model host is not reachable ({exc.__class__.__name__})") from None
+        if not reply.get("ok"):
+            raise from_status(reply.get("status", 500), reply.get("message", "error"), reply.get("headers"))
+        return reply, out
+
+    def _connection(self) -> socket.socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise NotReady(f"the model host is not reachable ({exc.strerror or exc})") from None
+            self._local.sock = sock
+        return sock
+
+    def _drop(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        self._local.sock = None
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        self._drop()
+

@@ -1,0 +1,110 @@
+"""Wire format between frontends and model hosts.
+
+A message is one frame::
+
+    !I header_len | header (JSON, UTF-8) | buffer 0 | buffer 1 | ...
+
+The header is a small JSON object; its ``"buffers"`` member lists the byte length of each raw
+buffer that follows. Tensors travel as raw buffers described by ``{name, dtype, shape}`` specs,
+so request data is never pickled and is sent with one scatter-gather ``sendmsg`` call and read
+with ``recv_into`` straight into the arrays' memory.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import numpy as np
+
+from serving.errors import BadRequest
+from serving.types import Tensors
+
+_LEN = struct.Struct("!I")
+MAX_HEADER = 1 << 20
+#: dtypes allowed on the wire: plain numeric/bool arrays only (no object arrays, no pickles)
+_WIRE_KINDS = set("biuf")
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection between messages."""
+
+
+def send_message(sock: socket.socket, header: dict, buffers: list = ()) -> None:
+    """Send one frame; ``buffers`` are bytes-like objects (numpy arrays, memoryviews, bytes)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    header = {**header, "buffers": [v.nbytes for v in views]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    parts = [_LEN.pack(len(head)) + head, *[v for v in views if v.nbytes]]
+    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    sent = sock.sendmsg(parts)
+    if sent < total:  # partial scatter-gather send: finish the rest in order
+        _send_rest(sock, parts, sent)
+
+
+def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if sent >= view.nbytes:
+            sent -= view.nbytes
+            continue
+        sock.sendall(view[sent:])
+        sent = 0
+
+
+def recv_message(sock: socket.socket) -> tuple[dict, list[bytearray]]:
+    """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame."""
+    head_len = _LEN.unpack(_recv_exact(sock, _LEN.size, first=True))[0]
+    if head_len > MAX_HEADER:
+        raise ConnectionError(f"IPC header of {head_len} bytes exceeds the limit")
+    header = json.loads(_recv_exact(sock, head_len))
+    buffers = []
+    for size in header.pop("buffers", []):
+        buf = bytearray(size)
+        _recv_into(sock, memoryview(buf))
+        buffers.append(buf)
+    return header, buffers
+
+
+def _recv_exact(sock: socket.socket, size: int, first: bool = False) -> bytearray:
+    buf = bytearray(size)
+    _recv_into(sock, memoryview(buf), first)
+    return buf
+
+
+def _recv_into(sock: socket.socket, view: memoryview, first: bool = False) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            if first and got == 0:
+                raise ConnectionClosed("peer closed the connection")
+            raise ConnectionError("connection closed in the middle of a message")
+        got += n
+
+
+def encode_tensors(tensors: Tensors) -> tuple[list[dict], list[np.ndarray]]:
+    """Specs and contiguous buffers for named arrays."""
+    specs, buffers = [], []
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        if array.dtype.kind not in _WIRE_KINDS:
+            raise BadRequest(f"tensor {name!r} has dtype {array.dtype}, which cannot be sent")
+        array = np.ascontiguousarray(array)
+        specs.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape)})
+        buffers.append(array)
+    return specs, buffers
+
+
+def decode_tensors(specs: list[dict], buffers: list[bytearray]) -> Tensors:
+    """Named arrays viewing the received buffers (no copy)."""
+    if len(specs) != len(buffers):
+        raise ConnectionError("tensor specs and buffers do not match")
+    tensors: Tensors = {}
+    for spec, buf in zip(specs, buffers):
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind not in _WIRE_KINDS:
+            raise ConnectionError(f"dtype {dtype} is not allowed on the wire")
+        tensors[spec["name"]] = np.frombuffer(buf, dtype=dtype).reshape(spec["shape"])
+    return tensors
