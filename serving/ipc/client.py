@@ -86,7 +86,7 @@ class HostClient:
             sock.settimeout(remaining)
             send_message(sock, {**header, "deadline": deadline}, buffers)
             reply, out = recv_message(sock)
-        except socket.timeout:
+        except TimeoutError:
             self._drop()
             raise DeadlineExceeded(
                 f"no answer from the model within the deadline ({remaining:.1f}s)"
@@ -119,4 +119,3 @@ class HostClient:
     def close(self) -> None:
         """Close this thread's connection."""
         self._drop()
-

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from serving.errors import ModelError, ServingError
 from serving.ipc.protocol import ConnectionClosed, recv_message, send_message

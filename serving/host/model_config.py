@@ -1,0 +1,110 @@
+"""Per-model settings from ``onebox.toml``, merged over the server-wide defaults and checked
+against what the loaded artifact accepts.
+
+Example ``onebox.toml``::
+
+    max_batch_size = 32
+    max_delay_ms = 2
+    batch_sizes = [1, 8, 32]     # static sizes: pad up to the next one
+    max_queue = 512
+    timeout_s = 10
+    precision = "fp16"
+    [[inputs]]                   # declare a signature the artifact does not carry (TorchScript)
+    name = "x"
+    dtype = "float32"
+    shape = [-1, 4]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import tomllib
+
+from serving.batching import BatchPolicy
+from serving.errors import ConfigError
+from serving.types import BatchMode, ModelConfig, Signature
+
+CONFIG_FILE = "onebox.toml"
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+_TYPES = {
+    "max_batch_size": int,
+    "max_delay_ms": (int, float),
+    "batch_sizes": list,
+    "max_queue": int,
+    "timeout_s": (int, float),
+    "batch": bool,
+    "precision": str,
+    "device": str,
+    "warmup": bool,
+    "cuda_graphs": bool,
+    "threads": int,
+}
+
+
+def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
+    """``defaults`` overridden by ``model_dir/onebox.toml`` when it exists; unknown keys go to ``extra``."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        return defaults
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    changes: dict = {}
+    extra = dict(defaults.extra)
+    for key, value in data.items():
+        if key not in _TYPES:
+            extra[key] = value
+            continue
+        if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and _TYPES[key] is int):
+            raise ConfigError(f"{path}: {key} = {value!r} has the wrong type")
+        changes[key] = tuple(value) if key == "batch_sizes" else value
+    if changes.get("precision") not in (None, "fp32", "fp16", "bf16"):
+        raise ConfigError(f"{path}: precision must be fp32, fp16 or bf16")
+    return dataclasses.replace(defaults, **changes, extra=extra)
+
+
+def batch_policy(config: ModelConfig, signature: Signature, *, raw: bool = False) -> BatchPolicy:
+    """The batcher policy for a loaded model, or ConfigError when the knobs contradict the artifact."""
+    if raw and not config.batch:
+        return BatchPolicy(max_batch_size=1, max_queue=config.max_queue, splittable=False)
+    if signature.batch is BatchMode.NONE:
+        if config.max_batch_size > 1:
+            raise ConfigError("max_batch_size > 1, but this artifact has no batch dimension")
+        return BatchPolicy(max_batch_size=1, max_queue=config.max_queue, splittable=False)
+    sizes = tuple(config.batch_sizes)
+    if signature.batch is BatchMode.FIXED:
+        allowed = set(signature.batch_sizes)
+        bad = [s for s in sizes if s not in allowed]
+        if bad:
+            raise ConfigError(
+                f"batch_sizes {bad} are not among the sizes the artifact accepts {sorted(allowed)}"
+            )
+        sizes = sizes or tuple(sorted(allowed))
+    max_batch = config.max_batch_size
+    if sizes and max_batch == 1 and max(sizes) > 1:
+        max_batch = max(sizes)  # a fixed-size artifact batches up to its sizes by default
+    if signature.max_batch is not None and max_batch > signature.max_batch:
+        raise ConfigError(
+            f"max_batch_size = {max_batch} is larger than the artifact accepts ({signature.max_batch})"
+        )
+    if sizes and max_batch > max(sizes):
+        raise ConfigError(f"max_batch_size = {max_batch} is larger than the largest of batch_sizes {sizes}")
+    policy = BatchPolicy(
+        max_batch_size=max_batch,
+        max_delay_ms=config.max_delay_ms,
+        batch_sizes=tuple(s for s in sizes if s <= max_batch) if sizes else (),
+        max_queue=max(config.max_queue, max_batch),
+        splittable=True,
+    )
+    policy.validate()
+    return policy
+
+
+def warmup_sizes(policy: BatchPolicy) -> list[int]:
+    """Every batch size the batcher can form: the fixed sizes, or each size from 1 to the maximum."""
+    if policy.batch_sizes:
+        return list(policy.batch_sizes)
+    return list(range(1, policy.max_batch_size + 1))

@@ -1,0 +1,109 @@
+"""The model host process: owns the models of one device and answers IPC calls for them.
+
+Started by the launcher as ``python -m serving host --socket PATH --device cpu [--model NAME=DIR]``.
+The IPC socket is served before the model loads, so health calls answer "loading" at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from serving.errors import BadRequest, ConfigError, ServingError
+from serving.host.registry import ModelRegistry, State
+from serving.ipc.protocol import decode_tensors, encode_tensors
+from serving.ipc.server import IPCServer
+from serving.settings import Settings
+from serving.types import Device, RawRequest
+
+log = logging.getLogger("onebox.host")
+
+
+class Host:
+    """Routes IPC messages to the registry."""
+
+    def __init__(self, settings: Settings, device: Device):
+        self.settings = settings
+        self.device = device
+        self.registry = ModelRegistry(settings, device)
+        self.started = time.time()
+
+    def dispatch(self, header: dict, buffers: list) -> tuple[dict, list]:
+        """Answer one IPC message."""
+        op = header.get("op")
+        deadline = float(header.get("deadline", time.time() + self.settings.timeout_s))
+        if op == "infer":
+            outputs = self.registry.infer(
+                header["model"], decode_tensors(header["inputs"], buffers), deadline
+            )
+            specs, out = encode_tensors(outputs)
+            return {"outputs": specs}, out
+        if op == "invoke":
+            request = RawRequest(
+                bytes(buffers[0]) if buffers else b"",
+                header.get("content_type") or "",
+                header.get("accept") or "",
+                header.get("custom_attributes"),
+            )
+            response = self.registry.invoke(header["model"], request, deadline)
+            reply = {"content_type": response.content_type, "custom_attributes": response.custom_attributes}
+            return reply, [response.body]
+        if op == "describe":
+            model = self.registry.get(header["model"])
+            return model.describe(), []
+        if op == "health":
+            models = [m.describe() for m in self.registry.models()]
+            ready = bool(models) and all(m["state"] == State.READY.value for m in models)
+            return {"ready": ready, "device": self.device.name, "models": models}, []
+        if op == "load":
+            model = self.registry.load(header["model"], Path(header["path"]))
+            return model.describe(), []
+        if op == "unload":
+            self.registry.unload(header["model"])
+            return {}, []
+        raise BadRequest(f"unknown IPC operation {op!r}")
+
+    def load_at_start(self, name: str, path: Path) -> None:
+        """Load the single model; on failure log why and keep running (``/ping`` stays 503)."""
+        try:
+            model = self.registry.load(name, path)
+        except (ServingError, ConfigError) as exc:
+            log.error("model %r in %s failed to load: %s", name, path, getattr(exc, "message", exc))
+            return
+        except Exception:
+            log.exception("model %r in %s failed to load", name, path)
+            return
+        art = model.artifact
+        print(
+            f"onebox: model {name!r} ready on {self.device.name} in {model.load_seconds:.2f}s: "
+            f"kind={art.kind} handler={art.handler} file={art.path.name} "
+            f"(serving http://{self.settings.bind_host}:{self.settings.port})",
+            flush=True,
+        )
+
+
+def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> int:
+    """Entry point of a host process; returns its exit code."""
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s [host] %(name)s: %(message)s"
+    )
+    host = Host(settings, Device.parse(device))
+    server = IPCServer(socket_path, host.dispatch)
+    stop = threading.Event()
+
+    def on_term(signum, frame):  # the launcher stops hosts after the frontends have drained
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    threading.Thread(target=server.serve_forever, name="ipc-accept", daemon=True).start()
+    for name, path in models:
+        host.load_at_start(name, Path(path))
+    stop.wait()
+    server.close()
+    host.registry.close()
+    return 0

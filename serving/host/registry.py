@@ -1,0 +1,242 @@
+"""The models a host owns: loading, state, the request path into each model's batcher, unloading.
+
+Single-model mode is this registry with one model loaded at start. States move
+``LOADING -> READY -> UNLOADING`` (or ``LOADING -> FAILED``); a failed load leaves an entry that
+says why, so ``/ping`` can stay non-200 and the reason can be shown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+from handlers.registry import check_compatible, detect, handler_class
+
+from handlers.base import Handler
+from serving.batching import Batcher, BatchStats
+from serving.errors import BadRequest, Conflict, NotFound, NotReady, ServingError
+from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
+from serving.host.validation import conform_inputs
+from serving.settings import Settings
+from serving.types import Artifact, Device, ModelConfig, RawRequest, RawResponse, Tensors
+
+log = logging.getLogger(__name__)
+
+
+class State(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+
+
+@dataclass
+class Model:
+    """One model on this host."""
+
+    name: str
+    path: Path
+    state: State = State.LOADING
+    artifact: Artifact | None = None
+    handler: Handler | None = None
+    config: ModelConfig | None = None
+    batcher: Batcher | None = None
+    serial: _SerialScript | None = None
+    error: str = ""
+    load_seconds: float = 0.0
+    stats: list[BatchStats] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """What a frontend needs to call the model, and what `onebox` prints about it."""
+        handler = self.handler
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "state": self.state.value,
+            "error": self.error,
+            "kind": self.artifact.kind if self.artifact else None,
+            "handler": self.artifact.handler if self.artifact else None,
+            "raw": bool(handler and handler.raw),
+            "signature": handler.signature.to_dict() if handler else None,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+class ModelRegistry:
+    """Loads and serves models on one device."""
+
+    def __init__(self, settings: Settings, device: Device, observe=None):
+        self.settings = settings
+        self.device = device
+        self.observe = observe  # called with (model name, BatchStats) after each batch
+        self._models: dict[str, Model] = {}
+        self._lock = threading.Lock()
+
+    # -- management ----------------------------------------------------------------------
+    def load(self, name: str, path: Path) -> Model:
+        """Load ``path`` as ``name``; Conflict if the name is taken. Failures raise and leave no entry."""
+        model = Model(name, Path(path))
+        with self._lock:
+            if name in self._models and self._models[name].state is not State.FAILED:
+                raise Conflict(f"model {name!r} is already loaded")
+            self._models[name] = model
+        started = time.perf_counter()
+        try:
+            self._load(model)
+        except BaseException as exc:
+            model.state = State.FAILED
+            model.error = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            raise
+        model.load_seconds = time.perf_counter() - started
+        model.state = State.READY
+        return model
+
+    def _load(self, model: Model) -> None:
+        settings = self.settings
+        if not model.path.is_dir():
+            raise NotFound(f"model directory {model.path} does not exist")
+        artifact = detect(model.path, program=settings.program, model_file=settings.model_file)
+        check_compatible(artifact, [self.device.kind])
+        model.artifact = artifact
+        config = load_model_config(model.path, settings.model_defaults)
+        model.config = config
+        if artifact.kind == "user_script" and settings.install_requirements:
+            _install_requirements(model.path / "code")
+        handler = handler_class(artifact.handler)()
+        handler.load(artifact, self.device, config)
+        model.handler = handler
+        policy = batch_policy(config, handler.signature, raw=handler.raw)
+        run = handler.predict
+        if handler.raw and not config.batch:
+            model.serial = _SerialScript(handler)
+            run = model.serial.run
+        model.batcher = Batcher(run, policy, name=model.name, observe=self._observer(model.name))
+        if config.warmup and not handler.raw:
+            handler.warmup(warmup_sizes(policy))
+
+    def _observer(self, name: str):
+        if self.observe is None:
+            return None
+        return lambda stats: self.observe(name, stats)
+
+    def unload(self, name: str) -> None:
+        """Stop taking requests for ``name``, finish its queued ones, release it."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or model.state is State.UNLOADING:
+                raise NotFound(f"model {name!r} is not loaded")
+            model.state = State.UNLOADING
+        try:
+            if model.batcher:
+                model.batcher.close(drain=True)
+            if model.handler:
+                model.handler.unload()
+        finally:
+            with self._lock:
+                self._models.pop(name, None)
+
+    def close(self) -> None:
+        """Unload everything (drains queued requests)."""
+        for name in list(self._models):
+            try:
+                self.unload(name)
+            except ServingError:
+                pass
+
+    def models(self) -> list[Model]:
+        """A snapshot of the models and their states."""
+        with self._lock:
+            return list(self._models.values())
+
+    def get(self, name: str) -> Model:
+        """The READY model called ``name``: NotFound or NotReady otherwise."""
+        model = self._models.get(name)
+        if model is None or model.state is State.UNLOADING:
+            raise NotFound(f"model {name!r} is not loaded")
+        if model.state is State.LOADING:
+            raise NotReady(f"model {name!r} is still loading")
+        if model.state is State.FAILED:
+            raise NotReady(f"model {name!r} failed to load: {model.error}")
+        return model
+
+    # -- request path --------------------------------------------------------------------
+    def infer(self, name: str, inputs: Tensors, deadline: float) -> Tensors:
+        """Queue decoded inputs for ``name`` and wait for its rows of the batch's outputs."""
+        model = self.get(name)
+        if model.handler.raw:
+            raise BadRequest(f"model {name!r} takes raw request bodies")
+        inputs = conform_inputs(inputs, model.handler.signature)
+        return _wait(model.batcher.submit(inputs, deadline), deadline)
+
+    def invoke(self, name: str, request: RawRequest, deadline: float) -> RawResponse:
+        """Run a raw request through a user script (through the batcher when it opted in)."""
+        model = self.get(name)
+        handler = model.handler
+        if not handler.raw:
+            raise BadRequest(f"model {name!r} takes decoded tensors")
+        if model.config.batch:
+            inputs = handler.prepare(request)
+            outputs = _wait(model.batcher.submit(inputs, deadline), deadline)
+            return handler.finish(outputs, request)
+        # one request at a time through the same queue: user code need not be thread-safe,
+        # and deadlines and the queue limit apply as for tensors
+        serial = model.serial
+        ticket = serial.enqueue(request)
+        try:
+            _wait(model.batcher.submit({"ticket": ticket}, deadline), deadline)
+            return serial.take(ticket)
+        finally:
+            serial.forget(ticket)
+
+
+class _SerialScript:
+    """Runs user-script requests one at a time behind a batcher of size 1.
+
+    The batcher carries only a ticket number; the raw request waits here. This keeps one queue,
+    one deadline rule and one 429 rule for every kind of model.
+    """
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+        self._pending: dict[int, RawRequest | RawResponse] = {}
+        self._counter = itertools.count()
+
+    def enqueue(self, request: RawRequest) -> np.ndarray:
+        ticket = next(self._counter)
+        self._pending[ticket] = request
+        return np.array([ticket], dtype=np.int64)
+
+    def run(self, inputs: Tensors) -> Tensors:
+        ticket = int(inputs["ticket"][0])
+        self._pending[ticket] = self.handler.invoke_raw(self._pending[ticket])
+        return inputs
+
+    def take(self, ticket: np.ndarray) -> RawResponse:
+        return self._pending[int(ticket[0])]
+
+    def forget(self, ticket: np.ndarray) -> None:
+        self._pending.pop(int(ticket[0]), None)
+
+
+def _wait(future, deadline: float):
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from serving.errors import DeadlineExceeded
+
+    try:
+        return future.result(timeout=max(deadline - time.time(), 0.001))
+    except FutureTimeout:
+        raise DeadlineExceeded("the model did not answer within the request's deadline") from None
+
+
+def _install_requirements(code_dir: Path) -> None:
+    from handlers.user_module import install_requirements
+
+    install_requirements(code_dir, [sys.executable, "-m", "pip"])

@@ -1,0 +1,58 @@
+"""The embedded gunicorn that runs the frontend workers (``python -m serving frontend``).
+
+gthread workers: a thread blocked on a model call costs little, so many threads per worker keep
+``/ping`` answering while every model call is busy. The master forks workers before anything
+else is set up, and no framework is ever imported here, so nothing touches CUDA before fork.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+
+from serving.http.app import create_app
+from serving.http.routing import HostRouter
+from serving.ipc.directory import read_hosts_file
+from serving.settings import Settings
+
+
+class FrontendApplication(BaseApplication):
+    """gunicorn configured from :class:`Settings`, serving :func:`create_app`."""
+
+    def __init__(self, settings: Settings, hosts: list[dict]):
+        self.settings = settings
+        self.hosts = hosts
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        options = {
+            "bind": f"{s.bind_host}:{s.port}",
+            "workers": s.workers,
+            "worker_class": "gthread",
+            "threads": s.threads,
+            # a worker is only restarted for real hangs; model calls carry their own deadline
+            "timeout": int(s.timeout_s) + 30,
+            "graceful_timeout": s.graceful_timeout_s,
+            "keepalive": 75,  # longer than load balancers' idle timeouts (SageMaker front ends reuse connections)
+            "backlog": 2048,
+            "loglevel": logging.getLevelName(s.log_level).lower(),
+            "accesslog": None,
+            "errorlog": "-",
+            "proc_name": "onebox-frontend",
+            "limit_request_line": 8190,
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return create_app(self.settings, HostRouter(self.hosts))
+
+
+def run_frontend(run_dir: Path) -> int:
+    """Entry point of the frontend master process."""
+    settings = Settings.from_env()
+    FrontendApplication(settings, read_hosts_file(run_dir)).run()
+    return 0

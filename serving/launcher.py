@@ -1,0 +1,105 @@
+"""``onebox serve``: start the model hosts and the frontends, stop them cleanly on SIGTERM.
+
+Process tree::
+
+    launcher (PID 1 in the container)
+      model host per device     python -m serving host ...     (owns models, batchers)
+      frontend master           python -m serving frontend ... (gunicorn; forks W workers)
+
+SIGTERM: the frontends stop accepting and finish in-flight requests (graceful timeout), then the
+hosts drain and exit, then the launcher exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from handlers.registry import detect
+
+from handlers.base import DetectionError
+from serving.errors import ConfigError
+from serving.host.devices import nvidia_gpus
+from serving.host.model_config import load_model_config
+from serving.host.supervisor import HostSpec, Supervisor
+from serving.ipc.directory import write_hosts_file
+from serving.settings import Settings
+from serving.types import Artifact
+
+log = logging.getLogger("onebox")
+
+DEFAULT_MODEL = "model"
+
+
+def plan_hosts(settings: Settings, model_dir: Path | None, run_dir: Path) -> list[HostSpec]:
+    """One host per usable GPU when the model can run on CUDA, else one CPU host."""
+    artifact = _probe(settings, model_dir)
+    wants_cpu = settings.device == "cpu"
+    if model_dir is not None and (model_dir / "onebox.toml").is_file():
+        wants_cpu = wants_cpu or load_model_config(model_dir, settings.model_defaults).device == "cpu"
+    gpus = [] if wants_cpu else nvidia_gpus(settings.cuda_visible_devices)
+    if settings.device == "cuda" and not gpus:
+        raise ConfigError("ONEBOX_DEVICE=cuda, but no NVIDIA GPU is visible (NVML found none)")
+    if gpus and (artifact is None or "cuda" in artifact.devices):
+        return [
+            HostSpec(
+                f"cuda{gpu}",
+                "cuda:0",
+                str(run_dir / f"host-cuda{gpu}.sock"),
+                {"CUDA_VISIBLE_DEVICES": str(gpu)},
+            )
+            for gpu in gpus
+        ]
+    return [
+        HostSpec("cpu", "cpu", str(run_dir / "host-cpu.sock"), {"CUDA_VISIBLE_DEVICES": ""} if gpus else {})
+    ]
+
+
+def _probe(settings: Settings, model_dir: Path | None) -> Artifact | None:
+    if model_dir is None or not model_dir.is_dir():
+        return None
+    try:
+        return detect(model_dir, program=settings.program, model_file=settings.model_file)
+    except DetectionError:
+        return None  # the host reports the problem in its log and /ping stays 503
+
+
+def serve(settings: Settings, model_dir: Path | None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code."""
+    run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="onebox-"))
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    specs = plan_hosts(settings, model_dir, run_dir)
+    models = [] if model_dir is None else [(DEFAULT_MODEL, str(model_dir))]
+    write_hosts_file(run_dir, [{"name": s.name, "device": s.device, "socket": s.socket} for s in specs])
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    supervisor = Supervisor(specs, models)
+    supervisor.start()
+    frontend = subprocess.Popen([sys.executable, "-m", "serving", "frontend", "--run-dir", str(run_dir)])
+    print(
+        f"onebox: listening on http://{settings.bind_host}:{settings.port} with {settings.workers} frontends "
+        f"x {settings.threads} threads; model hosts: {', '.join(s.name for s in specs)}; "
+        f"model: {model_dir or '(none)'}",
+        flush=True,
+    )
+    while not stop.wait(0.2):
+        if frontend.poll() is not None:
+            log.error("the frontend exited with %s; stopping", frontend.returncode)
+            supervisor.stop()
+            return 1
+    # graceful stop: frontends first, so in-flight requests still reach their host
+    frontend.send_signal(signal.SIGTERM)
+    try:
+        frontend.wait(settings.graceful_timeout_s + 2)
+    except subprocess.TimeoutExpired:
+        frontend.kill()
+        frontend.wait()
+    supervisor.stop(timeout=3.0)
+    return 0

@@ -1,0 +1,218 @@
+"""Every knob of the server, read once from the environment and validated.
+
+``SAGEMAKER_*`` variables mean what SageMaker and its inference toolkit define; ``ONEBOX_*`` are
+ours. A bad value raises ``ConfigError`` naming the variable, the value and what is allowed; the
+launcher turns that into one line on stderr and exit code 2. This is the only module that reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from serving.errors import ConfigError
+from serving.types import ModelConfig
+
+T = TypeVar("T")
+MB = 1024 * 1024
+_LOG_LEVELS = {"CRITICAL": 50, "ERROR": 40, "WARNING": 30, "WARN": 30, "INFO": 20, "DEBUG": 10, "NOTSET": 0}
+_STRATEGIES = {"SINGLE_RECORD": "SINGLE_RECORD", "SINGLERECORD": "SINGLE_RECORD",
+               "MULTI_RECORD": "MULTI_RECORD", "MULTIRECORD": "MULTI_RECORD"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated server configuration; build it with :meth:`from_env`."""
+
+    port: int = 8080
+    bind_host: str = "0.0.0.0"
+    safe_port_range: tuple[int, int] | None = None
+    workers: int = 2  # gunicorn frontend processes
+    threads: int = 32  # threads per frontend; high so /ping never queues behind inference
+    timeout_s: float = 60.0  # default per-request deadline
+    graceful_timeout_s: float = 25.0  # SIGTERM -> in-flight requests get this long to finish
+    max_payload_bytes: int | None = 6 * MB  # None: no limit (batch transform MaxPayloadInMB=0)
+    default_accept: str = "application/json"
+    program: str = "inference.py"
+    base_dir: Path = Path("/opt/ml")
+    log_level: int = 20
+    multi_model: bool = False
+    batch_transform: bool = False
+    batch_strategy: str = "MULTI_RECORD"
+    max_concurrent_transforms: int = 1
+    run_dir: Path | None = None  # private directory for the IPC sockets (default: a fresh temp dir)
+    model_file: str | None = None  # choose one artifact when a model directory holds several
+    device: str = "auto"  # auto | cpu | cuda
+    cuda_visible_devices: str | None = None
+    install_requirements: bool = True
+    model_defaults: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def model_dir(self) -> Path:
+        """Where SageMaker extracts the single model (``$SAGEMAKER_BASE_DIR/model``)."""
+        return self.base_dir / "model"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raises ConfigError on the first bad one."""
+        env = _Env(os.environ if environ is None else environ)
+        timeout = env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", _positive_float, None)
+        if timeout is None:  # the older variable; the toolkit documents it as seconds
+            timeout = env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT", _positive_float, 60.0)
+        batch = env.get("SAGEMAKER_BATCH", _bool, False)
+        defaults = ModelConfig(
+            max_batch_size=env.get("ONEBOX_MAX_BATCH_SIZE", _positive_int, 1),
+            max_delay_ms=env.get("ONEBOX_MAX_DELAY_MS", _non_negative_float, 0.0),
+            batch_sizes=env.get("ONEBOX_BATCH_SIZES", _int_list, ()),
+            max_queue=env.get("ONEBOX_MAX_QUEUE", _positive_int, 1024),
+            timeout_s=timeout,
+            precision=env.get("ONEBOX_PRECISION", _choice("fp32", "fp16", "bf16"), None),
+            warmup=env.get("ONEBOX_WARMUP", _bool, True),
+            cuda_graphs=env.get("ONEBOX_CUDA_GRAPHS", _bool, False),
+            threads=env.get("ONEBOX_INTRA_OP_THREADS", _positive_int, None),
+        )
+        settings = cls(
+            port=env.get("SAGEMAKER_BIND_TO_PORT", _port, 8080),
+            bind_host=env.get("ONEBOX_BIND_HOST", str, "0.0.0.0"),
+            safe_port_range=env.get("SAGEMAKER_SAFE_PORT_RANGE", _port_range, None),
+            workers=env.get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, min(os.cpu_count() or 1, 4)),
+            threads=env.get("ONEBOX_FRONTEND_THREADS", _positive_int, 32),
+            timeout_s=timeout,
+            graceful_timeout_s=env.get("ONEBOX_GRACEFUL_TIMEOUT", _positive_float, 25.0),
+            max_payload_bytes=env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _payload_mb, 6 * MB),
+            default_accept=env.get("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", _media_type, "application/json"),
+            program=env.get("SAGEMAKER_PROGRAM", _program, "inference.py"),
+            base_dir=env.get("SAGEMAKER_BASE_DIR", Path, Path("/opt/ml")),
+            log_level=env.get("SAGEMAKER_CONTAINER_LOG_LEVEL", _log_level, 20),
+            multi_model=env.get("SAGEMAKER_MULTI_MODEL", _bool, False),
+            batch_transform=batch,
+            batch_strategy=env.get("SAGEMAKER_BATCH_STRATEGY", _strategy, "MULTI_RECORD"),
+            max_concurrent_transforms=env.get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, 1),
+            run_dir=env.get("ONEBOX_RUN_DIR", Path, None),
+            model_file=env.get("ONEBOX_MODEL_FILE", str, None),
+            device=env.get("ONEBOX_DEVICE", _choice("auto", "cpu", "cuda"), "auto"),
+            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", str, None),
+            install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
+            model_defaults=defaults,
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check settings against each other."""
+        if self.safe_port_range:
+            low, high = self.safe_port_range
+            if low > high:
+                raise ConfigError(
+                    f"SAGEMAKER_SAFE_PORT_RANGE='{low}-{high}': the low port is above the high one"
+                )
+        if self.batch_transform and self.max_payload_bytes and self.max_payload_bytes > 100 * MB:
+            raise ConfigError("SAGEMAKER_MAX_PAYLOAD_IN_MB: batch transform allows at most 100")
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self.environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be zero or positive")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port between 1 and 65535")
+    return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not sep:
+        raise ValueError("must be 'LOW-HIGH', e.g. '8081-9000'")
+    return _port(low), _port(high)
+
+
+def _payload_mb(text: str) -> int | None:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 (no limit) or a positive number of megabytes")
+    return None if value == 0 else value * MB
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _media_type(text: str) -> str:
+    media = text.split(";")[0].strip().lower()
+    if "/" not in media:
+        raise ValueError("must be a media type such as application/json")
+    return media
+
+
+def _program(text: str) -> str:
+    if "/" in text or not text:
+        raise ValueError("must be a module file name inside code/, e.g. inference.py")
+    return text if text.endswith(".py") else f"{text}.py"
+
+
+def _log_level(text: str) -> int:
+    if text.upper() in _LOG_LEVELS:
+        return _LOG_LEVELS[text.upper()]
+    return int(text)
+
+
+def _strategy(text: str) -> str:
+    key = text.upper()
+    if key not in _STRATEGIES:
+        raise ValueError("must be SINGLE_RECORD, MULTI_RECORD, SingleRecord or MultiRecord")
+    return _STRATEGIES[key]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive_int(part) for part in text.split(",") if part.strip())
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text.lower()
+
+    return parse
