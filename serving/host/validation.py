@@ -53,7 +53,7 @@ def _check_shape(shape: tuple, expected: tuple, name: str, batch: BatchMode) -> 
             f"input {name!r} must have {len(expected)} dimensions {_fmt(expected)}, got {_fmt(shape)}"
         )
     start = 0 if batch is BatchMode.NONE else 1
-    for got, want in zip(shape[start:], expected[start:]):
+    for got, want in zip(shape[start:], expected[start:], strict=True):
         if want >= 0 and got != want:
             raise BadRequest(f"input {name!r} must have shape {_fmt(expected)}, got {_fmt(shape)}")
     if batch is not BatchMode.NONE and shape[0] == 0:

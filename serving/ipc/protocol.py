@@ -102,7 +102,7 @@ def decode_tensors(specs: list[dict], buffers: list[bytearray]) -> Tensors:
     if len(specs) != len(buffers):
         raise ConnectionError("tensor specs and buffers do not match")
     tensors: Tensors = {}
-    for spec, buf in zip(specs, buffers):
+    for spec, buf in zip(specs, buffers, strict=True):
         dtype = np.dtype(spec["dtype"])
         if dtype.kind not in _WIRE_KINDS:
             raise ConnectionError(f"dtype {dtype} is not allowed on the wire")
