@@ -1,0 +1,90 @@
+import pytest
+
+from serving.errors import ConfigError
+from serving.settings import MB, Settings
+
+
+def test_defaults_follow_the_sagemaker_contract():
+    s = Settings.from_env({})
+    assert s.port == 8080
+    assert s.max_payload_bytes == 6 * MB == 6_291_456
+    assert s.default_accept == "application/json"
+    assert s.timeout_s == 60.0
+    assert str(s.model_dir) == "/opt/ml/model"
+    assert s.program == "inference.py"
+
+
+def test_sagemaker_variables_are_read():
+    s = Settings.from_env(
+        {
+            "SAGEMAKER_BIND_TO_PORT": "8000",
+            "SAGEMAKER_SAFE_PORT_RANGE": "8081-9000",
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "3",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT": "120",
+            "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20",
+            "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT": "text/csv",
+            "SAGEMAKER_PROGRAM": "custom",
+            "SAGEMAKER_BASE_DIR": "/tmp/ml",
+            "SAGEMAKER_CONTAINER_LOG_LEVEL": "10",
+            "SAGEMAKER_BATCH": "True",
+            "SAGEMAKER_BATCH_STRATEGY": "SingleRecord",
+            "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "4",
+        }
+    )
+    assert (s.port, s.safe_port_range, s.workers, s.timeout_s) == (8000, (8081, 9000), 3, 120.0)
+    assert s.max_payload_bytes == 20 * MB
+    assert s.default_accept == "text/csv"
+    assert s.program == "custom.py"
+    assert str(s.model_dir) == "/tmp/ml/model"
+    assert (s.log_level, s.batch_transform, s.batch_strategy) == (10, True, "SINGLE_RECORD")
+    assert s.max_concurrent_transforms == 4
+
+
+def test_timeout_seconds_variable_wins_over_the_old_one():
+    s = Settings.from_env(
+        {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "120", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "7"}
+    )
+    assert s.timeout_s == 7.0
+    assert s.model_defaults.timeout_s == 7.0
+
+
+def test_zero_payload_means_no_limit_for_chunked_batch_transform():
+    assert Settings.from_env({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"}).max_payload_bytes is None
+
+
+def test_onebox_batching_defaults_are_read():
+    s = Settings.from_env(
+        {"ONEBOX_MAX_BATCH_SIZE": "16", "ONEBOX_MAX_DELAY_MS": "2.5", "ONEBOX_BATCH_SIZES": "1,8,16"}
+    )
+    assert s.model_defaults.max_batch_size == 16
+    assert s.model_defaults.max_delay_ms == 2.5
+    assert s.model_defaults.batch_sizes == (1, 8, 16)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("SAGEMAKER_BIND_TO_PORT", "http"),
+        ("SAGEMAKER_BIND_TO_PORT", "70000"),
+        ("SAGEMAKER_SAFE_PORT_RANGE", "8081"),
+        ("SAGEMAKER_SAFE_PORT_RANGE", "9000-8081"),
+        ("SAGEMAKER_MODEL_SERVER_WORKERS", "0"),
+        ("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", "-1"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "lots"),
+        ("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", "json"),
+        ("SAGEMAKER_BATCH", "maybe"),
+        ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
+        ("ONEBOX_DEVICE", "tpu"),
+        ("ONEBOX_BATCH_SIZES", "1,x"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_the_value(name, value):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    assert name in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_batch_transform_payload_over_100_mb_is_refused():
+    with pytest.raises(ConfigError, match="100"):
+        Settings.from_env({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "101"})
