@@ -93,8 +93,8 @@ import json
 import numpy as np
 from sagemaker_inference import content_types, decoder, encoder, errors
 
-W = np.array(%s, dtype=np.float32)
-B = np.array(%s, dtype=np.float32)
+W = np.array(__W__, dtype=np.float32)
+B = np.array(__B__, dtype=np.float32)
 
 def model_fn(model_dir):
     return {"w": W, "b": B}
