@@ -113,4 +113,4 @@ def predict_fn(data, model):
 
 def output_fn(prediction, accept):
     return encoder.encode(prediction, accept)
-""" % (W.tolist(), B.tolist())
+""".replace("__W__", str(W.tolist())).replace("__B__", str(B.tolist()))
