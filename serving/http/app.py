@@ -11,7 +11,7 @@ import logging
 import time
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from serving import codecs
 from serving.errors import BadRequest, NotFound, PayloadTooLarge, ServingError, from_status
@@ -29,12 +29,11 @@ TIMEOUT_HEADER = "X-Onebox-Timeout-Ms"
 def create_app(settings: Settings, router: HostRouter) -> Flask:
     """The WSGI app for one frontend worker."""
     app = Flask("onebox")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
 
     @app.get("/ping")
     def ping():
         if router.ready():
-            return Response(b"", status=200)
+            return Response(b"", status=200, content_type="text/plain")
         return _error_response(router.not_ready_error())
 
     @app.post("/invocations")
@@ -53,7 +52,7 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
 
     def _invoke(model: str) -> Response:
         deadline = _deadline(settings)
-        body = request.get_data(cache=False)
+        body = _read_body(settings.max_payload_bytes)
         if not body:
             raise BadRequest("the request body is empty")
         content_type = request.headers.get("Content-Type")
@@ -85,9 +84,6 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
-        if isinstance(err, RequestEntityTooLarge):
-            limit = settings.max_payload_bytes
-            return _error_response(PayloadTooLarge(f"the request body is larger than {limit} bytes"))
         if err.code == 404:
             return _error_response(NotFound(f"no route {request.method} {request.path}"))
         response = _error_response(_from_http_exception(err))
@@ -102,6 +98,21 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
                         status=500, content_type="application/json")  # fmt: skip
 
     return app
+
+
+def _read_body(limit: int | None) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes also when it arrives chunked."""
+    # gunicorn's input ends at Content-Length or at the last chunk; werkzeug's limited stream
+    # would silently truncate a chunked body at the limit instead of refusing it
+    stream = request.environ["wsgi.input"]
+    if limit is None:
+        return stream.read()
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    return body
 
 
 def _deadline(settings: Settings) -> float:

@@ -35,7 +35,7 @@ class FrontendApplication(BaseApplication):
             "threads": s.threads,
             # a worker is only restarted for real hangs; model calls carry their own deadline
             "timeout": int(s.timeout_s) + 30,
-            "graceful_timeout": s.graceful_timeout_s,
+            "graceful_timeout": int(s.graceful_timeout_s),
             "keepalive": 75,  # longer than load balancers' idle timeouts (SageMaker front ends reuse connections)
             "backlog": 2048,
             "loglevel": logging.getLevelName(s.log_level).lower(),

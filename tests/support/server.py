@@ -149,6 +149,9 @@ class Server:
                 conn.send(b"0\r\n\r\n")
             else:
                 conn.request(method, path, body=body, headers=headers or {})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered (e.g. 413) and closed before reading the whole body
+        try:
             resp = conn.getresponse()
             return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
         finally:
