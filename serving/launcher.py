@@ -20,9 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from handlers.registry import detect
-
 from handlers.base import DetectionError
+from handlers.registry import detect
 from serving.errors import ConfigError
 from serving.host.devices import nvidia_gpus
 from serving.host.model_config import load_model_config

@@ -6,7 +6,7 @@ Only the standard library and numpy: these cross every process boundary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 Tensors = dict[str, np.ndarray]
 
 
-class BatchMode(str, Enum):
+class BatchMode(StrEnum):
     """How an artifact accepts a batch dimension."""
 
     DYNAMIC = "dynamic"  # any leading size up to max_batch

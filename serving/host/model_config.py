@@ -18,9 +18,8 @@ Example ``onebox.toml``::
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from serving.batching import BatchPolicy
 from serving.errors import ConfigError

@@ -13,13 +13,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
-from handlers.registry import check_compatible, detect, handler_class
 
 from handlers.base import Handler
+from handlers.registry import check_compatible, detect, handler_class
 from serving.batching import Batcher, BatchStats
 from serving.errors import BadRequest, Conflict, NotFound, NotReady, ServingError
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
@@ -30,7 +30,7 @@ from serving.types import Artifact, Device, ModelConfig, RawRequest, RawResponse
 log = logging.getLogger(__name__)
 
 
-class State(str, Enum):
+class State(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.contract.cases import CASES, ELSEWHERE, Y, Case
+from tests.contract.cases import CASES, ELSEWHERE, Case, Y
 from tests.support import models
 from tests.support.server import Server
 
