@@ -52,7 +52,7 @@ class Handler(abc.ABC):
         """Handle one undecoded request (user scripts only)."""
         raise NotImplementedError(f"{self.name} takes tensors, not raw requests")
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027 - optional hook: most runtimes free memory on garbage collection
         """Release the model and its device memory."""
 
     def warmup(self, batch_sizes: list[int]) -> None:
