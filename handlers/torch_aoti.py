@@ -1,0 +1,112 @@
+"""AOTInductor packages (``aoti_compile_and_package`` ``.pt2``): native code for one device type."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+from handlers.base import Handler
+from handlers.torch_common import PRECISIONS, TorchRunner, check_batch, output_names, release_cuda_memory
+from serving.errors import ConfigError, ServingError
+from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
+
+_INPUT_NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
+_OUTPUT_NAME = re.compile(r'outputs_info_\[(\d+)\]\.name = "(\w+)";')
+_DTYPE = re.compile(r"(\w+)_expected_dtype = aoti_torch_dtype_(\w+)\(\);")
+_SIZES = re.compile(r"assert_size_stride\((\w+), \{([^}]*)\}")
+
+
+class WrongDevice(ServingError):
+    """An AOTInductor package compiled for another device type."""
+
+
+def read_wrapper_signature(path: Path) -> Signature:
+    """Input dtypes and shapes from the generated ``*.wrapper.cpp`` (nothing is executed).
+
+    A literal leading dimension means the package was compiled for exactly that batch size.
+    """
+    with zipfile.ZipFile(path) as z:
+        name = next(n for n in z.namelist() if n.endswith(".wrapper.cpp"))
+        text = z.read(name).decode("utf-8", "replace")
+    args = [a for _, a in sorted((int(i), a) for i, a in _INPUT_NAME.findall(text))]
+    dtypes = dict(_DTYPE.findall(text))
+    sizes = {}
+    for arg, dims in _SIZES.findall(text):
+        sizes.setdefault(
+            arg,
+            tuple(
+                int(d[:-1]) if re.fullmatch(r"\d+L", d) else -1
+                for d in (x.strip() for x in dims.split(","))
+                if d
+            ),
+        )
+    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    inputs = tuple(
+        TensorSpec(n, dtypes.get(a, "float32"), sizes.get(a, (-1,))) for n, a in zip(names, args, strict=True)
+    )
+    outputs = tuple(
+        TensorSpec(n, "float32", (-1,)) for n in output_names(len(_OUTPUT_NAME.findall(text)) or 1)
+    )
+    leading = {s.shape[0] for s in inputs if s.shape}
+    if leading and all(d > 0 for d in leading) and len(leading) == 1:
+        size = leading.pop()
+        return Signature(inputs, outputs, BatchMode.FIXED, batch_sizes=(size,), max_batch=size)
+    return Signature(inputs, outputs, BatchMode.DYNAMIC)
+
+
+class AotiHandler(Handler):
+    """Loads with ``torch._inductor.aoti_load_package`` on the device type it was compiled for."""
+
+    name = "torch_aoti"
+
+    @classmethod
+    def probe(cls, model_dir: Path) -> Artifact | None:
+        """The AOTInductor package in ``model_dir``, if any."""
+        from handlers.registry import probe_for
+
+        return probe_for(model_dir, cls.name)
+
+    def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
+        """Refuse a device mismatch, then load; precision and batch sizes are fixed at compile time."""
+        import torch
+
+        compiled_for = (artifact.details.get("metadata") or {}).get("AOTI_DEVICE_KEY", "cpu")
+        if compiled_for != device.kind:
+            raise WrongDevice(
+                f"{artifact.files[0]} is an AOTInductor package compiled for {compiled_for}; it "
+                f"cannot run on {device.name}. Recompile it on a {device.kind} host, or serve it "
+                f"on a {compiled_for} device"
+            )
+        self.signature = read_wrapper_signature(artifact.path)
+        floats = {s.dtype for s in self.signature.inputs if s.dtype.startswith(("float", "bfloat"))}
+        if config.precision and {PRECISIONS.get(config.precision)} != floats:
+            raise ConfigError(
+                f"precision {config.precision} requested, but this AOTInductor package was compiled "
+                f"for {sorted(floats)} inputs; precision is fixed at compile time"
+            )
+        index = (device.index or 0) if device.kind == "cuda" else -1
+        self.model = torch._inductor.aoti_load_package(str(artifact.path), device_index=index)
+        # Inputs keep the dtype the user sent; the compiled kernels check it against the wrapper.
+        self.runner = TorchRunner(
+            self.model,
+            device,
+            config,
+            [s.name for s in self.signature.inputs],
+            graph_sizes=self.signature.batch_sizes,
+            cast_inputs=False,
+        )
+
+    def predict(self, inputs: Tensors) -> Tensors:
+        """Run one batch after checking it matches the compiled shapes."""
+        check_batch(self.signature, inputs)
+        converted = {
+            s.name: inputs[s.name].astype(s.dtype, copy=False) if s.name in inputs else None
+            for s in self.signature.inputs
+        }
+        return self.runner({k: v for k, v in converted.items() if v is not None})
+
+    def unload(self) -> None:
+        """Drop the compiled model and release cached device memory."""
+        self.model = self.runner = None
+        release_cuda_memory()

@@ -1,0 +1,70 @@
+"""TorchScript archives (``torch.jit.save``) on CPU or CUDA."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from handlers.base import Handler
+from handlers.torch_common import (
+    TorchRunner,
+    compute_dtype,
+    declared_specs,
+    outputs_from_sample,
+    release_cuda_memory,
+    torch_device,
+)
+from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
+
+
+class TorchScriptHandler(Handler):
+    """Loads with ``torch.jit.load``; input names come from the ``forward`` schema."""
+
+    name = "torchscript"
+
+    @classmethod
+    def probe(cls, model_dir: Path) -> Artifact | None:
+        """The TorchScript archive in ``model_dir``, if any."""
+        from handlers.registry import probe_for
+
+        return probe_for(model_dir, cls.name)
+
+    def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
+        """Load onto ``device`` in ``config.precision``; dtypes/shapes from ``extra.inputs`` if declared."""
+        import torch
+
+        module = torch.jit.load(str(artifact.path), map_location=torch_device(device)).eval()
+        dtype = compute_dtype(config)
+        if dtype != torch.float32:
+            module = module.to(dtype)
+        self.module = module
+        declared = declared_specs(config)
+        self._shapes_known = declared is not None
+        inputs = declared or tuple(
+            TensorSpec(arg.name, "float32", (-1,)) for arg in module.forward.schema.arguments[1:]
+        )
+        leading = {s.shape[0] for s in inputs if s.shape}
+        if len(leading) == 1 and (size := leading.pop()) > 0:
+            signature = Signature(inputs=inputs, batch=BatchMode.FIXED, batch_sizes=(size,), max_batch=size)
+        else:
+            signature = Signature(inputs=inputs, batch=BatchMode.DYNAMIC)
+        sizes = signature.batch_sizes or config.batch_sizes
+        self.runner = TorchRunner(module, device, config, [s.name for s in inputs], graph_sizes=sizes)
+        outputs = declared_specs(config, "outputs")
+        if outputs is None and declared:
+            outputs = outputs_from_sample(self.runner, signature)
+        self.signature = replace(signature, outputs=outputs or ())
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Warm up only when ``extra.inputs`` declared the shapes (a TorchScript file does not record them)."""
+        if self._shapes_known:
+            super().warmup(batch_sizes)
+
+    def predict(self, inputs: Tensors) -> Tensors:
+        """Run ``forward`` on one batch."""
+        return self.runner(inputs)
+
+    def unload(self) -> None:
+        """Drop the module and release cached device memory."""
+        self.module = self.runner = None
+        release_cuda_memory()
