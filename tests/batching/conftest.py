@@ -1,61 +1,10 @@
-"""Fakes for the batcher tests: a recording numpy runner that can be held, and a manual clock."""
+"""Fixtures for the batcher tests."""
 
 from __future__ import annotations
 
-import threading
-
-import numpy as np
 import pytest
 
-
-def transform(x: np.ndarray) -> np.ndarray:
-    """What the fake model computes per row: twice the row plus the row's sum."""
-    return x * 2 + x.reshape(len(x), -1).sum(axis=1).reshape((len(x),) + (1,) * (x.ndim - 1))
-
-
-class Runner:
-    """A fake model: records every batch it sees; ``hold()`` makes the next batch wait for ``release()``."""
-
-    def __init__(self):
-        self.batches: list[dict[str, np.ndarray]] = []
-        self.started = threading.Event()
-        self._gate: threading.Event | None = None
-        self._lock = threading.Lock()
-
-    def hold(self) -> None:
-        self._gate = threading.Event()
-        self.started.clear()
-
-    def release(self) -> None:
-        assert self._gate is not None
-        self._gate.set()
-
-    @property
-    def sizes(self) -> list[int]:
-        with self._lock:
-            return [len(next(iter(batch.values()))) for batch in self.batches]
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock:
-            self.batches.append({name: array.copy() for name, array in inputs.items()})
-        self.started.set()
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            assert gate.wait(10), "test never released the held batch"
-        return {"y": transform(inputs["x"])}
-
-
-class ManualClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.batching.fakes import ManualClock, Runner
 
 
 @pytest.fixture

@@ -1,0 +1,324 @@
+"""The dynamic batcher: one queue, one worker thread, a future per request (DESIGN §5)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, InvalidStateError
+
+from serving.batching.policy import BatchPolicy
+from serving.batching.shaping import (
+    check_outputs,
+    concatenate,
+    count_rows,
+    padded_size,
+    shape_key,
+    take_rows,
+)
+from serving.batching.stats import BatchStats
+from serving.errors import (
+    DeadlineExceeded,
+    ModelError,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+    ServingError,
+)
+from serving.types import Tensors
+
+log = logging.getLogger(__name__)
+
+# Weight of the newest batch in the running compute-time average behind Retry-After.
+_EMA_WEIGHT = 0.2
+
+
+class _Request:
+    """A queued request; ``taken`` rows of it already went into batches."""
+
+    __slots__ = ("inputs", "rows", "key", "deadline", "submitted", "future", "taken", "parts", "done")
+
+    def __init__(self, inputs: Tensors, rows: int, key: Hashable, deadline: float, submitted: float):
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.deadline = deadline
+        self.submitted = submitted
+        self.future: Future = Future()
+        self.taken = 0
+        self.parts: list[Tensors] = []  # outputs of the parts done so far, when split
+        self.done = False
+
+
+# (request, first row, end row) of one request's share of a batch
+_Part = tuple[_Request, int, int]
+
+
+class Batcher:
+    """Queues requests for one model and runs them through ``run`` in batches on one thread.
+
+    ``submit`` never blocks on the runner: it validates, enqueues and returns a future.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Tensors], Tensors],
+        policy: BatchPolicy,
+        *,
+        observe: Callable[[BatchStats], None] | None = None,
+        name: str = "model",
+        clock: Callable[[], float] = time.time,
+    ):
+        policy.validate()
+        self._run = run
+        self._policy = policy
+        self._observe = observe
+        self._name = name
+        self._clock = clock
+        self._cap = policy.max_batch_size if policy.splittable else 1
+        self._delay = policy.max_delay_ms / 1000.0
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._rows_by_key: dict[Hashable, int] = {}
+        self._compute_avg = 0.0
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, inputs: Tensors, deadline: float) -> Future:
+        """Queue ``inputs`` to run before ``deadline`` (absolute ``clock()`` seconds).
+
+        Returns a ``Future`` of the outputs for exactly these rows. Raises ``BadRequest`` for
+        inputs that cannot be batched, ``PayloadTooLarge`` for a request larger than the whole
+        queue, ``QueueFull`` (with Retry-After) when its rows do not fit now, ``NotReady`` after
+        ``close``.
+        """
+        if self._policy.splittable:
+            rows, key = count_rows(inputs), shape_key(inputs)
+        else:
+            rows, key = 1, None  # opaque inputs: one request is one unit of work
+        limit = self._policy.max_queue
+        if rows > limit:
+            raise PayloadTooLarge(
+                f"the request has {rows} rows; model {self._name!r} queues at most {limit} rows"
+            )
+        request = _Request(inputs, rows, key, deadline, self._clock())
+        with self._cond:
+            if self._closing:
+                raise NotReady(f"model {self._name!r} is shutting down")
+            if self._queued_rows + rows > limit:
+                raise QueueFull(
+                    f"the queue of model {self._name!r} is full ({self._queued_rows} of {limit} rows waiting)",
+                    retry_after=self._retry_after(),
+                )
+            self._queue.append(request)
+            self._queued_rows += rows
+            self._rows_by_key[key] = self._rows_by_key.get(key, 0) + rows
+            self._cond.notify()
+        return request.future
+
+    def queue_depth(self) -> int:
+        """Rows waiting for a batch."""
+        return self._queued_rows
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the worker: after finishing the queue (``drain``), or failing it with ``NotReady``."""
+        with self._cond:
+            self._closing = True
+            if not drain:
+                error = NotReady(f"model {self._name!r} shut down before the request ran")
+                while self._queue:
+                    request = self._queue.popleft()
+                    self._unqueue(request)
+                    _settle(request, error=error)
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # --- worker -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                parts = self._next_batch()
+            if parts is None:
+                return
+            try:
+                self._execute(parts)
+            except Exception as exc:  # a bug here must not kill the only worker
+                log.exception("batcher %s failed to handle a batch", self._name)
+                self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
+
+    def _next_batch(self) -> list[_Part] | None:
+        """Wait (holding the lock) for the next batch; None once closed and empty."""
+        while True:
+            now = self._clock()
+            head = self._live_head(now)
+            if head is None:
+                if self._closing:
+                    return None
+                self._cond.wait()
+                continue
+            if self._delay and not self._closing and self._rows_by_key[head.key] < self._cap:
+                # Only a positive max_delay_ms ever holds a batch back to let it fill.
+                left = head.submitted + self._delay - now
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+            parts = self._take(head.key, now)
+            if parts:
+                return parts
+
+    def _live_head(self, now: float) -> _Request | None:
+        while self._queue:
+            if not self._drop_if_dead(self._queue[0], now):
+                return self._queue[0]
+            self._queue.popleft()
+        return None
+
+    def _take(self, key: Hashable, now: float) -> list[_Part]:
+        """Up to ``cap`` rows of the oldest requests shaped like ``key``, in queue order.
+
+        Requests of other shapes are passed over and keep their places for a later batch.
+        """
+        parts: list[_Part] = []
+        skipped: list[_Request] = []
+        rows = 0
+        queue = self._queue
+        while queue and rows < self._cap:
+            request = queue.popleft()
+            if self._drop_if_dead(request, now):
+                continue
+            if request.key != key:
+                skipped.append(request)
+                continue
+            if request.taken == 0 and not request.future.set_running_or_notify_cancel():
+                self._unqueue(request)  # cancelled by its caller while it waited
+                continue
+            start = request.taken
+            count = min(request.rows - start, self._cap - rows)
+            parts.append((request, start, start + count))
+            self._consume(request, count)
+            rows += count
+            if request.taken < request.rows:
+                queue.appendleft(request)  # the rest of a split request goes first next time
+        queue.extendleft(reversed(skipped))
+        return parts
+
+    def _drop_if_dead(self, request: _Request, now: float) -> bool:
+        """True (and the request settled) when it must not run: failed, cancelled or expired."""
+        if request.done or request.future.cancelled():
+            self._unqueue(request)
+            return True
+        if request.deadline <= now:
+            self._unqueue(request)
+            waited = now - request.submitted
+            _settle(
+                request,
+                error=DeadlineExceeded(
+                    f"deadline passed after {waited:.3f}s waiting in the queue of model {self._name!r}"
+                ),
+            )
+            return True
+        return False
+
+    def _consume(self, request: _Request, count: int) -> None:
+        request.taken += count
+        self._queued_rows -= count
+        left = self._rows_by_key[request.key] - count
+        if left:
+            self._rows_by_key[request.key] = left
+        else:
+            del self._rows_by_key[request.key]
+
+    def _unqueue(self, request: _Request) -> None:
+        if request.taken < request.rows:
+            self._consume(request, request.rows - request.taken)
+
+    def _execute(self, parts: list[_Part]) -> None:
+        """Run one batch and hand every request its rows, or the batch's error."""
+        start = self._clock()
+        queue_times = tuple(start - request.submitted for request, _, _ in parts)
+        rows = sum(stop - first for _, first, stop in parts)
+        size = padded_size(rows, self._policy.batch_sizes)
+        first_request, first, stop = parts[0]
+        passthrough = not self._policy.splittable or (
+            len(parts) == 1 and size == rows and stop - first == first_request.rows
+        )
+        if passthrough:
+            batch = first_request.inputs
+        else:
+            batch = concatenate([take_rows(request.inputs, a, b) for request, a, b in parts], size)
+        error: ServingError | None = None
+        began = self._clock()
+        try:
+            outputs = self._run(batch)
+            if self._policy.splittable:
+                outputs = check_outputs(outputs, size)
+        except ServingError as exc:
+            error = exc
+        except Exception as exc:
+            error = ModelError(f"{type(exc).__name__}: {exc}")
+        compute = self._clock() - began
+        self._compute_avg += _EMA_WEIGHT * (compute - self._compute_avg)
+        self._report(BatchStats(rows, size - rows, len(parts), queue_times, compute))
+        if error is not None:
+            self._fail(parts, error)
+            return
+        if passthrough or (len(parts) == 1 and size == rows):
+            self._deliver(first_request, first, stop, outputs)
+            return
+        offset = 0
+        for request, a, b in parts:
+            whole = b - a == request.rows
+            # A whole request gets a copy so it does not pin or alias the shared batch arrays;
+            # a part is copied anyway when its request's parts are joined.
+            self._deliver(request, a, b, take_rows(outputs, offset, offset + b - a, copy=whole))
+            offset += b - a
+
+    def _deliver(self, request: _Request, first: int, stop: int, outputs: Tensors) -> None:
+        if request.done:
+            return  # an earlier part of this split request already failed
+        if first == 0 and stop == request.rows:
+            _settle(request, result=outputs)
+            return
+        request.parts.append(outputs)  # only the worker thread touches parts
+        if stop == request.rows:
+            joined, request.parts = concatenate(request.parts), []
+            _settle(request, result=joined)
+
+    def _fail(self, parts: list[_Part], error: ServingError) -> None:
+        with self._cond:
+            for request, _, _ in parts:
+                self._unqueue(request)  # the unsent rest of a split request fails with it
+        for request, _, _ in parts:
+            _settle(request, error=error)
+
+    def _report(self, stats: BatchStats) -> None:
+        if self._observe is None:
+            return
+        try:
+            self._observe(stats)
+        except Exception:  # metrics must never take the model down
+            log.exception("batch observer of model %s failed", self._name)
+
+    def _retry_after(self) -> int:
+        """Retry-After: whole seconds the rows already queued would take to run, at least 1."""
+        batches_ahead = math.ceil(self._queued_rows / self._cap)
+        return max(1, math.ceil(batches_ahead * self._compute_avg))
+
+
+def _settle(request: _Request, *, result: Tensors | None = None, error: BaseException | None = None) -> None:
+    """Resolve a request's future once; a caller's cancel or an earlier failure wins."""
+    request.done = True
+    try:
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+    except InvalidStateError:
+        pass

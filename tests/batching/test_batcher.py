@@ -1,0 +1,384 @@
+"""The Batcher against a fake numpy runner: batch formation, splitting, padding, deadlines, errors.
+
+Batch formation is made deterministic by holding the runner on its first batch while the
+next requests queue up (``Runner.hold``); no assertion depends on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from serving.batching import Batcher, BatchPolicy, BatchStats
+from serving.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ModelError,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+)
+from tests.batching.fakes import transform
+
+FAR = 1e12  # a deadline that never passes
+WAIT = 10  # seconds to wait for a future before calling the test hung
+
+
+def rows(count: int, start: int = 0, width: int = 3, dtype=np.float64) -> dict[str, np.ndarray]:
+    """``count`` distinct rows, so any mix-up between requests shows in the values."""
+    return {"x": (np.arange(count * width).reshape(count, width) + start * 1000).astype(dtype)}
+
+
+def expected(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    return transform(inputs["x"])
+
+
+@pytest.fixture
+def make(runner):
+    made: list[Batcher] = []
+
+    def build(policy: BatchPolicy, run=None, **kwargs) -> Batcher:
+        batcher = Batcher(run or runner, policy, **kwargs)
+        made.append(batcher)
+        return batcher
+
+    yield build
+    for batcher in made:
+        batcher.close(drain=False)
+
+
+def hold_first_batch(batcher: Batcher, runner, inputs=None):
+    """Submit one request and return its future once the runner is stuck on it."""
+    runner.hold()
+    future = batcher.submit(inputs or rows(1, start=99), FAR)
+    assert runner.started.wait(WAIT)
+    return future
+
+
+def test_a_lone_request_runs_at_once_as_a_batch_of_one_with_zero_delay(make, runner, clock):
+    # The clock never moves: a batcher that waited for company would never dispatch.
+    batcher = make(BatchPolicy(max_batch_size=8), clock=clock)
+    inputs = rows(1)
+    assert np.array_equal(batcher.submit(inputs, FAR).result(WAIT)["y"], expected(inputs))
+    assert runner.sizes == [1]
+
+
+def test_a_positive_delay_holds_the_batch_until_it_is_full(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=3, max_delay_ms=600_000))
+    futures = [batcher.submit(rows(1, start=i), FAR) for i in range(3)]
+    for i, future in enumerate(futures):
+        assert np.array_equal(future.result(WAIT)["y"], expected(rows(1, start=i)))
+    assert runner.sizes == [3]
+
+
+def test_requests_queued_while_the_runner_is_busy_coalesce_into_full_batches(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=4))
+    first = hold_first_batch(batcher, runner)
+    futures = [batcher.submit(rows(1, start=i), FAR) for i in range(10)]
+    assert batcher.queue_depth() == 10
+    runner.release()
+    first.result(WAIT)
+    for i, future in enumerate(futures):
+        assert np.array_equal(future.result(WAIT)["y"], expected(rows(1, start=i)))
+    assert runner.sizes == [1, 4, 4, 2]
+    assert batcher.queue_depth() == 0
+
+
+def test_rows_not_requests_fill_a_batch(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=6))
+    first = hold_first_batch(batcher, runner)
+    futures = [batcher.submit(rows(3, start=i), FAR) for i in range(4)]
+    runner.release()
+    first.result(WAIT)
+    for i, future in enumerate(futures):
+        assert np.array_equal(future.result(WAIT)["y"], expected(rows(3, start=i)))
+    assert runner.sizes == [1, 6, 6]
+
+
+def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=4))
+    inputs = rows(10)
+    result = batcher.submit(inputs, FAR).result(WAIT)["y"]
+    assert np.array_equal(result, expected(inputs))
+    assert runner.sizes == [4, 4, 2]
+
+
+def test_split_requests_share_batches_with_their_neighbours_in_queue_order(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=4))
+    first = hold_first_batch(batcher, runner)
+    a, b, c = rows(3, start=1), rows(6, start=2), rows(2, start=3)
+    futures = [batcher.submit(inputs, FAR) for inputs in (a, b, c)]
+    runner.release()
+    first.result(WAIT)
+    for inputs, future in zip((a, b, c), futures, strict=True):
+        assert np.array_equal(future.result(WAIT)["y"], expected(inputs))
+    assert runner.sizes == [1, 4, 4, 3]
+    joined = np.concatenate([a["x"], b["x"], c["x"]])
+    assert np.array_equal(np.concatenate([batch["x"] for batch in runner.batches[1:]]), joined)
+
+
+def test_shape_incompatible_requests_are_never_mixed_in_one_batch(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=3))  # the first scan stops before the queue's end
+    first = hold_first_batch(batcher, runner)
+    submitted = [
+        rows(1, start=1, width=3),
+        rows(1, start=2, width=5),
+        rows(2, start=3, width=3),
+        rows(1, start=4, width=3, dtype=np.int32),
+        rows(1, start=5, width=5),
+    ]
+    futures = [batcher.submit(inputs, FAR) for inputs in submitted]
+    runner.release()
+    first.result(WAIT)
+    for inputs, future in zip(submitted, futures, strict=True):
+        result = future.result(WAIT)["y"]
+        assert result.dtype == expected(inputs).dtype
+        assert np.array_equal(result, expected(inputs))
+    # The head's group goes first; the others keep their order for later batches.
+    shapes = [(batch["x"].shape, batch["x"].dtype) for batch in runner.batches[1:]]
+    assert shapes == [((3, 3), np.float64), ((2, 5), np.float64), ((1, 3), np.int32)]
+    wide = np.concatenate([submitted[1]["x"], submitted[4]["x"]])
+    assert np.array_equal(runner.batches[2]["x"], wide)
+
+
+def test_padding_to_static_sizes_is_reported_and_never_returned(make, runner):
+    seen: list[BatchStats] = []
+    batcher = make(BatchPolicy(max_batch_size=8, batch_sizes=(2, 4, 8)), observe=seen.append)
+    inputs = rows(3)
+    result = batcher.submit(inputs, FAR).result(WAIT)["y"]
+    assert np.array_equal(result, expected(inputs))
+    assert runner.sizes == [4]
+    assert seen[0].rows == 3 and seen[0].padding == 1 and seen[0].requests == 1
+
+
+def test_padded_batches_of_several_requests_give_each_only_its_rows(make, runner):
+    seen: list[BatchStats] = []
+    batcher = make(BatchPolicy(max_batch_size=8, batch_sizes=(4, 8)), observe=seen.append)
+    first = hold_first_batch(batcher, runner)
+    futures = [batcher.submit(rows(2, start=i), FAR) for i in range(3)]
+    runner.release()
+    first.result(WAIT)
+    for i, future in enumerate(futures):
+        assert np.array_equal(future.result(WAIT)["y"], expected(rows(2, start=i)))
+    assert runner.sizes == [4, 8]
+    assert [(s.rows, s.padding, s.requests) for s in seen] == [(1, 3, 1), (6, 2, 3)]
+
+
+def test_a_whole_request_alone_in_a_batch_is_passed_through_uncopied(make):
+    received = []
+
+    def identity(inputs):
+        received.append(inputs["x"])
+        return {"y": inputs["x"]}
+
+    batcher = make(BatchPolicy(max_batch_size=8), run=identity)
+    inputs = rows(3)
+    result = batcher.submit(inputs, FAR).result(WAIT)
+    assert received[0] is inputs["x"]
+    assert result["y"] is inputs["x"]
+
+
+def test_requests_batched_together_get_copies_that_do_not_alias_each_other(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=8))
+    first = hold_first_batch(batcher, runner)
+    one, two = batcher.submit(rows(2, start=1), FAR), batcher.submit(rows(2, start=2), FAR)
+    runner.release()
+    first.result(WAIT)
+    y1, y2 = one.result(WAIT)["y"], two.result(WAIT)["y"]
+    batch_output = runner.outputs[1]["y"]
+    assert not np.may_share_memory(y1, batch_output) and not np.may_share_memory(y2, batch_output)
+    y1[:] = -1
+    assert np.array_equal(y2, expected(rows(2, start=2)))
+
+
+def test_an_expired_request_fails_with_504_and_never_reaches_the_runner(make, runner, clock):
+    batcher = make(BatchPolicy(max_batch_size=8), clock=clock)
+    first = hold_first_batch(batcher, runner)
+    stale = batcher.submit(rows(1, start=1), clock() + 5)
+    fresh = batcher.submit(rows(1, start=2), clock() + 60)
+    clock.advance(10)
+    runner.release()
+    first.result(WAIT)
+    with pytest.raises(DeadlineExceeded):
+        stale.result(WAIT)
+    assert np.array_equal(fresh.result(WAIT)["y"], expected(rows(1, start=2)))
+    assert runner.sizes == [1, 1]
+    assert np.array_equal(runner.batches[1]["x"], rows(1, start=2)["x"])
+
+
+def test_a_split_request_whose_later_part_expires_fails_as_a_whole(make, clock):
+    sizes = []
+
+    def slow(inputs):  # the first part takes "20 seconds" of the manual clock
+        sizes.append(len(inputs["x"]))
+        clock.advance(20)
+        return {"y": transform(inputs["x"])}
+
+    batcher = make(BatchPolicy(max_batch_size=2), run=slow, clock=clock)
+    future = batcher.submit(rows(5), clock() + 10)
+    with pytest.raises(DeadlineExceeded):
+        future.result(WAIT)
+    assert sizes == [2]
+    assert batcher.queue_depth() == 0
+
+
+def test_a_full_queue_rejects_with_429_and_retry_after_without_blocking(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=2, max_queue=4))
+    first = hold_first_batch(batcher, runner)
+    queued = [batcher.submit(rows(2, start=i), FAR) for i in range(2)]
+    with pytest.raises(QueueFull) as raised:
+        batcher.submit(rows(1, start=7), FAR)
+    assert raised.value.status == 429
+    assert int(raised.value.headers["Retry-After"]) >= 1
+    assert batcher.queue_depth() == 4
+    runner.release()
+    first.result(WAIT)
+    for i, future in enumerate(queued):
+        assert np.array_equal(future.result(WAIT)["y"], expected(rows(2, start=i)))
+    # Room again once the queue drained.
+    assert batcher.submit(rows(1, start=8), FAR).result(WAIT)["y"].shape == (1, 3)
+
+
+def test_a_request_larger_than_the_whole_queue_is_rejected_with_413(make):
+    batcher = make(BatchPolicy(max_batch_size=2, max_queue=4))
+    with pytest.raises(PayloadTooLarge, match="5 rows"):
+        batcher.submit(rows(5), FAR)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [{"x": np.zeros((2, 3)), "m": np.zeros((3,))}, {"x": np.array(1.0)}, {}],
+)
+def test_unbatchable_inputs_raise_400_at_submit(make, runner, inputs):
+    batcher = make(BatchPolicy(max_batch_size=4))
+    with pytest.raises(BadRequest):
+        batcher.submit(inputs, FAR)
+    assert batcher.queue_depth() == 0 and runner.sizes == []
+
+
+def test_a_raising_runner_fails_exactly_its_batch_and_the_next_batch_succeeds(make, runner):
+    def fragile(inputs):
+        if (inputs["x"] < 0).any():
+            raise ValueError("negative input")
+        return runner(inputs)
+
+    batcher = make(BatchPolicy(max_batch_size=4), run=fragile)
+    first = hold_first_batch(batcher, runner)
+    bad = batcher.submit({"x": -np.ones((1, 3))}, FAR)
+    neighbour = batcher.submit(rows(1, start=1), FAR)
+    runner.release()
+    first.result(WAIT)
+    errors = [bad.exception(WAIT), neighbour.exception(WAIT)]
+    assert all(isinstance(e, ModelError) for e in errors)
+    assert errors[0] is errors[1]
+    assert errors[0].message == "ValueError: negative input"
+    later = rows(2, start=2)
+    assert np.array_equal(batcher.submit(later, FAR).result(WAIT)["y"], expected(later))
+
+
+def test_a_serving_error_from_the_runner_is_passed_through(make):
+    def refuse(inputs):
+        raise BadRequest("pixel values out of range")
+
+    batcher = make(BatchPolicy(max_batch_size=4), run=refuse)
+    error = batcher.submit(rows(1), FAR).exception(WAIT)
+    assert type(error) is BadRequest and error.message == "pixel values out of range"
+
+
+def test_a_failing_part_fails_the_whole_split_request_and_its_rest_never_runs(make):
+    sizes = []
+
+    def fail_once(inputs):
+        sizes.append(len(inputs["x"]))
+        raise RuntimeError("device lost")
+
+    batcher = make(BatchPolicy(max_batch_size=2), run=fail_once)
+    error = batcher.submit(rows(5), FAR).exception(WAIT)
+    assert isinstance(error, ModelError) and "device lost" in error.message
+    assert batcher.queue_depth() == 0  # its unsent rows left the queue with it
+    batcher.close()
+    assert sizes == [2]
+
+
+def test_wrong_output_rows_fail_the_batch_with_model_error(make):
+    batcher = make(BatchPolicy(max_batch_size=4), run=lambda inputs: {"y": np.zeros((3, 1))})
+    error = batcher.submit(rows(2), FAR).exception(WAIT)
+    assert isinstance(error, ModelError)
+    assert error.message == "model returned 3 rows for a batch of 2"
+
+
+def test_close_without_drain_fails_queued_requests_with_503(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=2))
+    first = hold_first_batch(batcher, runner)
+    queued = [batcher.submit(rows(1, start=i), FAR) for i in range(3)]
+    closer = threading.Thread(target=batcher.close, kwargs={"drain": False})
+    closer.start()
+    for future in queued:
+        assert isinstance(future.exception(WAIT), NotReady)
+    runner.release()
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    assert np.array_equal(first.result(WAIT)["y"], expected(rows(1, start=99)))  # in flight: finishes
+    assert runner.sizes == [1]
+    with pytest.raises(NotReady):
+        batcher.submit(rows(1), FAR)
+
+
+def test_close_with_drain_finishes_queued_work_first(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=2, max_delay_ms=600_000))
+    futures = [batcher.submit(rows(1, start=i), FAR) for i in range(3)]
+    batcher.close(drain=True)
+    for i, future in enumerate(futures):
+        assert np.array_equal(future.result(0)["y"], expected(rows(1, start=i)))
+    assert runner.sizes == [2, 1]
+
+
+def test_a_cancelled_request_never_reaches_the_runner(make, runner):
+    batcher = make(BatchPolicy(max_batch_size=4))
+    first = hold_first_batch(batcher, runner)
+    cancelled = batcher.submit(rows(1, start=1), FAR)
+    kept = batcher.submit(rows(1, start=2), FAR)
+    assert cancelled.cancel()
+    runner.release()
+    first.result(WAIT)
+    assert np.array_equal(kept.result(WAIT)["y"], expected(rows(1, start=2)))
+    assert runner.sizes == [1, 1]
+
+
+def test_unsplittable_requests_run_alone_and_untouched(make):
+    received = []
+
+    def scalar_model(inputs):
+        received.append(inputs)
+        return {"y": inputs["x"] * 2}
+
+    batcher = make(BatchPolicy(max_batch_size=8, splittable=False), run=scalar_model)
+    futures = [batcher.submit({"x": np.array(float(i))}, FAR) for i in range(3)]
+    assert [float(f.result(WAIT)["y"]) for f in futures] == [0.0, 2.0, 4.0]
+    assert [float(inputs["x"]) for inputs in received] == [0.0, 1.0, 2.0]
+
+
+def test_every_batch_is_reported_with_its_queue_and_compute_times(make, runner, clock):
+    seen: list[BatchStats] = []
+    batcher = make(BatchPolicy(max_batch_size=4), observe=seen.append, clock=clock)
+    first = hold_first_batch(batcher, runner)
+    clock.advance(2)
+    futures = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
+    clock.advance(3)
+    runner.release()
+    for future in [first, *futures]:
+        future.result(WAIT)
+    assert [(s.rows, s.padding, s.requests) for s in seen] == [(1, 0, 1), (2, 0, 2)]
+    assert seen[0].compute_time == 5  # the manual clock moved 5 s while the first batch ran
+    assert seen[1].queue_times == (3, 3)
+
+
+def test_a_failing_observer_does_not_stop_the_batcher(make, runner):
+    def broken(stats):
+        raise RuntimeError("metrics down")
+
+    batcher = make(BatchPolicy(max_batch_size=4), observe=broken)
+    for i in range(2):
+        assert batcher.submit(rows(1, start=i), FAR).result(WAIT)["y"].shape == (1, 3)
