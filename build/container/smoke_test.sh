@@ -1,0 +1,67 @@
+#!/bin/sh
+# Run the built image as SageMaker would (`IMAGE serve`, model at /opt/ml/model), then check
+# /ping, a JSON and a CSV invocation, and that SIGTERM stops it well before the 30 s SIGKILL.
+#
+#   sudo build/container/smoke_test.sh                  # image onebox:cpu, the demo model, port 8080
+#
+# Env: IMAGE_TAG (default onebox:cpu), MODEL_DIR (default build/demo/model), PORT (default 8080).
+set -eu
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+IMAGE_TAG=${IMAGE_TAG:-onebox:cpu}
+MODEL_DIR=$(cd "${MODEL_DIR:-$REPO/build/demo/model}" && pwd)
+PORT=${PORT:-8080}
+NAME=onebox-smoke-$$
+URL=http://localhost:$PORT
+
+fail() {
+    echo "smoke_test.sh: FAIL: $*" >&2
+    podman logs "$NAME" 2>&1 | tail -40 >&2 || true
+    podman rm -f "$NAME" >/dev/null 2>&1 || true
+    exit 1
+}
+
+# Same podman flags as build_image.sh (runc, ulimits this VM accepts); host network since no CNI
+# network is configured here, so SAGEMAKER_BIND_TO_PORT picks the port instead of -p.
+podman --runtime runc run -d --name "$NAME" --network host \
+    --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+    -e SAGEMAKER_BIND_TO_PORT="$PORT" \
+    -v "$MODEL_DIR:/opt/ml/model:ro" "$IMAGE_TAG" serve >/dev/null
+
+start=$(date +%s)
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
+    [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "container exited before /ping answered 200"
+    [ $(($(date +%s) - start)) -lt 240 ] || fail "/ping not 200 within 240 s (SageMaker's limit)"
+    sleep 0.5
+done
+echo "ping: 200 after $(($(date +%s) - start)) s"
+
+json=$(curl -sf -X POST -H 'Content-Type: application/json' -d '[[5.1,3.5,1.4,0.2],[6.3,3.3,6.0,2.5]]' \
+    "$URL/invocations") || fail "JSON invocation was not 2xx"
+echo "json: $json"
+echo "$json" | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)
+assert len(rows) == 2 and all(len(r) == 3 and abs(sum(r) - 1) < 1e-4 for r in rows), rows
+assert rows[0].index(max(rows[0])) == 0 and rows[1].index(max(rows[1])) == 2, rows
+' || fail "JSON response is not two probability rows of the demo model"
+
+csv=$(printf '5.1,3.5,1.4,0.2\n' | curl -sf -X POST -H 'Content-Type: text/csv' -H 'Accept: text/csv' \
+    --data-binary @- "$URL/invocations") || fail "CSV invocation was not 2xx"
+echo "csv: $csv"
+[ "$(echo "$csv" | awk -F, 'NR == 1 { print NF }')" = 3 ] || fail "CSV response is not three columns"
+
+pid1=$(podman exec "$NAME" cat /proc/1/cmdline | tr '\0' ' ')
+echo "PID 1: $pid1"
+case "$pid1" in
+    *onebox-entrypoint* | sh\ * | /bin/sh\ *) fail "PID 1 is still the shell entrypoint: $pid1" ;;
+esac
+
+stop_start=$(date +%s)
+podman stop -t 30 "$NAME" >/dev/null
+stopped_in=$(($(date +%s) - stop_start))
+status=$(podman inspect -f '{{.State.ExitCode}}' "$NAME")
+podman rm "$NAME" >/dev/null
+echo "stop: SIGTERM -> exited $status in $stopped_in s"
+[ "$stopped_in" -lt 30 ] || fail "SIGTERM did not stop the server; it was killed after 30 s"
+echo "smoke_test.sh: OK"
