@@ -281,7 +281,8 @@ class UserScriptHandler(Handler):
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(model, torch.nn.Module | torch.jit.ScriptModule):
             array = np.asarray(data)
-            tensor = torch.as_tensor(array.astype(np.float32) if array.dtype == np.float64 else array)
+            # As the PyTorch toolkit does (torch.FloatTensor of the decoded array).
+            tensor = torch.as_tensor(array.astype(np.float32) if array.dtype.kind in "iubf" else array)
             weight = next(model.parameters(), None)
             if weight is not None:
                 tensor = tensor.to(weight.device)

@@ -1,0 +1,115 @@
+"""CUDA paths of the torch handlers (run on a GPU host; skipped here with the reason shown)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from handlers.registry import check_compatible, detect, handler_class
+from serving.errors import InsufficientMemory, ServingError
+from serving.types import Device, ModelConfig
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and a CUDA build of torch"),
+]
+
+
+def loaded(path, config=ModelConfig(), device=Device("cuda", 0)):
+    art = detect(path.parent, model_file=path.name)
+    check_compatible(art, ["cpu", "cuda:0"])
+    handler = handler_class(art.handler)()
+    handler.load(art, device, config)
+    return handler
+
+
+def cpu_reference(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("name", ["traced.pt", "dynamic.pt2", "static.pt2"])
+def test_cuda_predictions_match_cpu(torch_artifacts, name):
+    src, model = torch_artifacts
+    handler = loaded(src / name)
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    out = handler.predict({"x": x})["output"]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, cpu_reference(model, x), rtol=1e-3, atol=1e-4)
+    handler.unload()
+
+
+def test_fp16_on_cuda_is_close_and_returns_float32(torch_artifacts):
+    src, model = torch_artifacts
+    handler = loaded(src / "traced.pt", ModelConfig(precision="fp16"))
+    x = np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)
+    out = handler.predict({"x": x})["output"]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, cpu_reference(model, x), atol=2e-2)
+
+
+def test_cuda_graphs_replay_matches_eager(torch_artifacts):
+    src, model = torch_artifacts
+    handler = loaded(src / "static.pt2", ModelConfig(cuda_graphs=True))
+    for seed in (0, 1, 2):  # first call captures, later calls replay with new data
+        x = np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32)
+        np.testing.assert_allclose(
+            handler.predict({"x": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
+        )
+    assert len(handler.runner._graphs) == 1
+
+
+def test_out_of_memory_is_507_and_the_handler_keeps_serving(torch_artifacts):
+    src, model = torch_artifacts
+    handler = loaded(src / "dynamic.pt2")
+    free, _ = torch.cuda.mem_get_info()
+    real = handler.runner.fn
+    handler.runner.fn = lambda x: torch.empty(
+        free // 2, dtype=torch.float32, device=x.device
+    )  # 2x free bytes
+    with pytest.raises(InsufficientMemory):
+        handler.predict({"x": np.ones((2, 4), np.float32)})
+    handler.runner.fn = real
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(
+        handler.predict({"x": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
+    )
+
+
+@pytest.fixture(scope="module")
+def cuda_aoti_package(tmp_path_factory, torch_artifacts):
+    _, model = torch_artifacts
+    path = tmp_path_factory.mktemp("aoti_cuda") / "model.pt2"
+    example = (torch.randn(2, 4, device="cuda"),)
+    torch._inductor.aoti_compile_and_package(
+        torch.export.export(model.to("cuda"), example), package_path=str(path)
+    )
+    model.to("cpu")
+    return path
+
+
+@pytest.mark.slow
+def test_cuda_aoti_package_predicts_like_cpu(cuda_aoti_package, torch_artifacts):
+    _, model = torch_artifacts
+    assert detect(cuda_aoti_package.parent).devices == ("cuda",)
+    handler = loaded(cuda_aoti_package)
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        handler.predict({"input": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_cuda_aoti_package_is_refused_on_cpu(cuda_aoti_package):
+    art = detect(cuda_aoti_package.parent)
+    with pytest.raises(ServingError, match="runs only on cuda"):
+        check_compatible(art, ["cpu"])
+    with pytest.raises(ServingError, match="compiled for cuda; it cannot run on cpu"):
+        handler_class("torch_aoti")().load(art, Device("cpu"), ModelConfig())
+
+
+@pytest.mark.slow
+def test_cpu_aoti_package_is_refused_on_cuda(aoti_package):
+    with pytest.raises(ServingError, match="compiled for cpu; it cannot run on cuda:0"):
+        handler_class("torch_aoti")().load(detect(aoti_package.parent), Device("cuda", 0), ModelConfig())
