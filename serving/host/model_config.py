@@ -60,6 +60,8 @@ def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
         if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and _TYPES[key] is int):
             raise ConfigError(f"{path}: {key} = {value!r} has the wrong type")
         changes[key] = tuple(value) if key == "batch_sizes" else value
+    if changes.get("timeout_s", 1) <= 0:
+        raise ConfigError(f"{path}: timeout_s must be a positive number of seconds")
     if changes.get("precision") not in (None, "fp32", "fp16", "bf16"):
         raise ConfigError(f"{path}: precision must be fp32, fp16 or bf16")
     return dataclasses.replace(defaults, **changes, extra=extra)
@@ -72,6 +74,11 @@ def batch_policy(config: ModelConfig, signature: Signature, *, raw: bool = False
     if signature.batch is BatchMode.NONE:
         if config.max_batch_size > 1:
             raise ConfigError("max_batch_size > 1, but this artifact has no batch dimension")
+        if any(size > 1 for size in config.batch_sizes):
+            hint = " (a user script batches only with batch = true and max_batch_size > 1)" if raw else ""
+            raise ConfigError(
+                f"batch_sizes {list(config.batch_sizes)} need a batch dimension, but this model has none{hint}"
+            )
         return BatchPolicy(max_batch_size=1, max_queue=config.max_queue, splittable=False)
     sizes = tuple(config.batch_sizes)
     if signature.batch is BatchMode.FIXED:

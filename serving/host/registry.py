@@ -173,6 +173,7 @@ class ModelRegistry:
         if model.handler.raw:
             raise BadRequest(f"model {name!r} takes raw request bodies")
         inputs = conform_inputs(inputs, model.handler.signature)
+        deadline = _model_deadline(model, deadline)
         return _wait(model.batcher.submit(inputs, deadline), deadline)
 
     def invoke(self, name: str, request: RawRequest, deadline: float) -> RawResponse:
@@ -181,6 +182,7 @@ class ModelRegistry:
         handler = model.handler
         if not handler.raw:
             raise BadRequest(f"model {name!r} takes decoded tensors")
+        deadline = _model_deadline(model, deadline)
         if model.config.batch:
             inputs = handler.prepare(request)
             outputs = _wait(model.batcher.submit(inputs, deadline), deadline)
@@ -223,6 +225,11 @@ class _SerialScript:
 
     def forget(self, ticket: np.ndarray) -> None:
         self._pending.pop(int(ticket[0]), None)
+
+
+def _model_deadline(model: Model, deadline: float) -> float:
+    """The caller's deadline, shortened to the model's own ``timeout_s`` from onebox.toml."""
+    return min(deadline, time.time() + model.config.timeout_s)
 
 
 def _wait(future, deadline: float):

@@ -208,3 +208,25 @@ def test_warmup_covers_every_size_up_to_the_maximum_without_fixed_sizes():
 
 def test_warmup_of_an_unbatched_model_is_one_row():
     assert warmup_sizes(BatchPolicy(max_batch_size=1, splittable=False)) == [1]
+
+
+@pytest.mark.parametrize("value", ["0", "-1.5"])
+def test_a_timeout_that_is_not_positive_is_a_config_error(tmp_path, value):
+    _write(tmp_path, f"timeout_s = {value}\n")
+    with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
+        load_model_config(tmp_path, ModelConfig())
+
+
+def test_batch_sizes_on_an_artifact_without_batch_dimension_are_an_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"batch_sizes \[2, 4\] need a batch dimension"):
+        batch_policy(ModelConfig(batch_sizes=(2, 4)), NO_BATCH)
+
+
+def test_batch_sizes_on_a_user_script_batching_one_row_at_a_time_are_an_error_with_a_hint():
+    # the handler reports no batch dimension when batch = true but max_batch_size is left at 1
+    with pytest.raises(ConfigError, match="max_batch_size > 1"):
+        batch_policy(ModelConfig(batch=True, batch_sizes=(2, 4)), NO_BATCH, raw=True)
+
+
+def test_batch_sizes_of_one_are_harmless_without_a_batch_dimension():
+    assert batch_policy(ModelConfig(batch_sizes=(1,)), NO_BATCH).splittable is False
