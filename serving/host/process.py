@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from serving.batching import BatchStats
 from serving.errors import BadRequest, ConfigError, ServingError
 from serving.host.registry import ModelRegistry, State
 from serving.ipc.protocol import decode_tensors, encode_tensors
@@ -28,8 +29,24 @@ class Host:
     def __init__(self, settings: Settings, device: Device):
         self.settings = settings
         self.device = device
-        self.registry = ModelRegistry(settings, device)
+        self.registry = ModelRegistry(settings, device, observe=self._count_batch)
         self.started = time.time()
+        # per model: [batches, rows, padding rows, requests]; only the batcher threads write
+        self._batch_totals: dict[str, list[int]] = {}
+
+    def _count_batch(self, model: str, stats: BatchStats) -> None:
+        totals = self._batch_totals.setdefault(model, [0, 0, 0, 0])
+        totals[0] += 1
+        totals[1] += stats.rows
+        totals[2] += stats.padding
+        totals[3] += stats.requests
+
+    def batch_stats(self) -> dict[str, dict[str, int]]:
+        """Batches, rows, padding rows and requests each model has run since the host started."""
+        keys = ("batches", "rows", "padding", "requests")
+        return {
+            name: dict(zip(keys, totals, strict=True)) for name, totals in list(self._batch_totals.items())
+        }
 
     def dispatch(self, header: dict, buffers: list) -> tuple[dict, list]:
         """Answer one IPC message."""
@@ -58,6 +75,8 @@ class Host:
             models = [m.describe() for m in self.registry.models()]
             ready = bool(models) and all(m["state"] == State.READY.value for m in models)
             return {"ready": ready, "device": self.device.name, "models": models}, []
+        if op == "stats":
+            return {"models": self.batch_stats()}, []
         if op == "load":
             model = self.registry.load(header["model"], Path(header["path"]))
             return model.describe(), []

@@ -58,6 +58,10 @@ class HostClient:
         """``{"ready": bool, "models": [...]}`` from the host."""
         return self.call({"op": "health"}, [], deadline)[0]
 
+    def stats(self, deadline: float) -> dict:
+        """``{"models": {name: {"batches", "rows", "padding", "requests"}}}``: what each model ran."""
+        return self.call({"op": "stats"}, [], deadline)[0]
+
     def load(self, model: str, path: str, deadline: float) -> dict:
         """Load the model directory ``path`` under the name ``model``."""
         return self.call({"op": "load", "model": model, "path": path}, [], deadline)[0]

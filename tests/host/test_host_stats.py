@@ -1,0 +1,49 @@
+"""The host's ``stats`` IPC op: what each model's batcher ran, over a real Unix socket."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.host.process import Host
+from serving.ipc.client import HostClient
+from serving.ipc.server import IPCServer
+from serving.settings import Settings
+from serving.types import Device
+from tests.support.models import onnx_model, reference
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def served_host(tmp_path):
+    host = Host(Settings.from_env({}), Device.parse("cpu"))
+    server = IPCServer(str(tmp_path / "host.sock"), host.dispatch)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host.load_at_start("linear", onnx_model(tmp_path / "linear"))
+    yield host, HostClient(server.path)
+    server.close()
+    host.registry.close()
+
+
+def test_stats_count_the_batches_and_rows_each_model_ran(served_host):
+    _, client = served_host
+    before = client.stats(time.time() + 5)["models"].get("linear", {"batches": 0, "rows": 0, "requests": 0})
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for _ in range(2):
+        out = client.infer("linear", {"x": x}, time.time() + 5)
+        np.testing.assert_allclose(out["y"], reference(x), rtol=1e-6)
+    after = client.stats(time.time() + 5)["models"]["linear"]
+    # max_batch_size defaults to 1, so each 3-row request is split into 3 one-row batches
+    assert after["batches"] - before["batches"] == 6
+    assert after["rows"] - before["rows"] == 6
+    assert after["requests"] - before["requests"] == 6
+    assert after["padding"] == 0
+
+
+def test_stats_of_a_host_that_ran_nothing_are_empty(tmp_path):
+    host = Host(Settings.from_env({}), Device.parse("cpu"))
+    assert host.dispatch({"op": "stats"}, []) == ({"models": {}}, [])
