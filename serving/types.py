@@ -137,3 +137,4 @@ class ModelConfig:
     cuda_graphs: bool = False  # capture CUDA graphs for fixed batch sizes
     threads: int | None = None  # intra-op threads for CPU runtimes
     extra: dict = field(default_factory=dict)  # handler-specific keys from onebox.toml
+    explicit: frozenset[str] = frozenset()  # keys onebox.toml set (the rest are server-wide defaults)

@@ -64,13 +64,18 @@ def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
         raise ConfigError(f"{path}: timeout_s must be a positive number of seconds")
     if changes.get("precision") not in (None, "fp32", "fp16", "bf16"):
         raise ConfigError(f"{path}: precision must be fp32, fp16 or bf16")
-    return dataclasses.replace(defaults, **changes, extra=extra)
+    return dataclasses.replace(defaults, **changes, extra=extra, explicit=frozenset(changes))
 
 
 def batch_policy(config: ModelConfig, signature: Signature, *, raw: bool = False) -> BatchPolicy:
     """The batcher policy for a loaded model, or ConfigError when the knobs contradict the artifact."""
     if raw and not config.batch:
         return BatchPolicy(max_batch_size=1, max_queue=config.max_queue, splittable=False)
+    # server-wide ONEBOX_* defaults adapt to each artifact; what onebox.toml says must hold exactly
+    if signature.batch is BatchMode.NONE and not config.explicit & {"max_batch_size", "batch_sizes"}:
+        return BatchPolicy(max_batch_size=1, max_queue=config.max_queue, splittable=False)
+    if "max_batch_size" not in config.explicit and signature.max_batch is not None:
+        config = dataclasses.replace(config, max_batch_size=min(config.max_batch_size, signature.max_batch))
     if signature.batch is BatchMode.NONE:
         if config.max_batch_size > 1:
             raise ConfigError("max_batch_size > 1, but this artifact has no batch dimension")

@@ -16,6 +16,11 @@ FIXED_1_4_8 = Signature(batch=BatchMode.FIXED, batch_sizes=(1, 4, 8), max_batch=
 NO_BATCH = Signature(batch=BatchMode.NONE)
 
 
+def _toml(**values) -> ModelConfig:
+    """A config as if every given key came from onebox.toml."""
+    return ModelConfig(**values, explicit=frozenset(values))
+
+
 def _write(tmp_path, text: str):
     (tmp_path / CONFIG_FILE).write_text(text)
     return tmp_path
@@ -100,62 +105,62 @@ def test_an_unknown_precision_is_a_config_error(tmp_path):
 
 
 def test_dynamic_artifact_batches_up_to_max_batch_size():
-    policy = batch_policy(ModelConfig(max_batch_size=16, max_delay_ms=3, max_queue=100), DYNAMIC_64)
+    policy = batch_policy(_toml(max_batch_size=16, max_delay_ms=3, max_queue=100), DYNAMIC_64)
     assert policy == BatchPolicy(max_batch_size=16, max_delay_ms=3, batch_sizes=(), max_queue=100)
 
 
 def test_dynamic_artifact_with_batching_left_off_runs_one_row_per_batch():
-    assert batch_policy(ModelConfig(), DYNAMIC).max_batch_size == 1
+    assert batch_policy(_toml(), DYNAMIC).max_batch_size == 1
 
 
 def test_max_batch_size_above_the_artifacts_range_is_an_error_not_a_silent_cap():
     with pytest.raises(ConfigError, match=r"max_batch_size = 128 is larger than the artifact accepts \(64\)"):
-        batch_policy(ModelConfig(max_batch_size=128), DYNAMIC_64)
+        batch_policy(_toml(max_batch_size=128), DYNAMIC_64)
 
 
 def test_max_batch_size_equal_to_the_artifacts_maximum_is_accepted():
-    assert batch_policy(ModelConfig(max_batch_size=64), DYNAMIC_64).max_batch_size == 64
+    assert batch_policy(_toml(max_batch_size=64), DYNAMIC_64).max_batch_size == 64
 
 
 def test_batch_sizes_on_a_dynamic_artifact_raise_the_default_batch_to_the_largest_size():
-    policy = batch_policy(ModelConfig(batch_sizes=(2, 4)), DYNAMIC_64)
+    policy = batch_policy(_toml(batch_sizes=(2, 4)), DYNAMIC_64)
     assert (policy.max_batch_size, policy.batch_sizes) == (4, (2, 4))
 
 
 def test_batch_sizes_above_max_batch_size_are_dropped_from_the_policy():
-    policy = batch_policy(ModelConfig(max_batch_size=4, batch_sizes=(2, 4, 8)), DYNAMIC)
+    policy = batch_policy(_toml(max_batch_size=4, batch_sizes=(2, 4, 8)), DYNAMIC)
     assert (policy.max_batch_size, policy.batch_sizes) == (4, (2, 4))
 
 
 def test_max_batch_size_above_the_largest_batch_size_is_an_error():
     with pytest.raises(ConfigError, match="larger than the largest of batch_sizes"):
-        batch_policy(ModelConfig(max_batch_size=8, batch_sizes=(2, 4)), DYNAMIC)
+        batch_policy(_toml(max_batch_size=8, batch_sizes=(2, 4)), DYNAMIC)
 
 
 def test_a_queue_shorter_than_one_batch_is_raised_to_one_batch():
-    assert batch_policy(ModelConfig(max_batch_size=16, max_queue=2), DYNAMIC).max_queue == 16
+    assert batch_policy(_toml(max_batch_size=16, max_queue=2), DYNAMIC).max_queue == 16
 
 
 def test_unsorted_batch_sizes_are_a_config_error():
     with pytest.raises(ConfigError, match="sorted ascending"):
-        batch_policy(ModelConfig(batch_sizes=(4, 2)), DYNAMIC)
+        batch_policy(_toml(batch_sizes=(4, 2)), DYNAMIC)
 
 
 # -- batch_policy: FIXED ---------------------------------------------------------------------
 
 
 def test_fixed_artifact_pads_to_its_compiled_sizes_by_default():
-    policy = batch_policy(ModelConfig(), FIXED_4)
+    policy = batch_policy(_toml(), FIXED_4)
     assert (policy.max_batch_size, policy.batch_sizes, policy.splittable) == (4, (4,), True)
 
 
 def test_fixed_artifact_may_be_limited_to_some_of_its_sizes():
-    policy = batch_policy(ModelConfig(batch_sizes=(1, 4)), FIXED_1_4_8)
+    policy = batch_policy(_toml(batch_sizes=(1, 4)), FIXED_1_4_8)
     assert (policy.max_batch_size, policy.batch_sizes) == (4, (1, 4))
 
 
 def test_fixed_artifact_limited_by_max_batch_size_keeps_only_the_sizes_below_it():
-    policy = batch_policy(ModelConfig(max_batch_size=4), FIXED_1_4_8)
+    policy = batch_policy(_toml(max_batch_size=4), FIXED_1_4_8)
     assert (policy.max_batch_size, policy.batch_sizes) == (4, (1, 4))
 
 
@@ -163,35 +168,35 @@ def test_batch_sizes_the_fixed_artifact_was_not_compiled_for_are_an_error():
     with pytest.raises(
         ConfigError, match=r"batch_sizes \[2\] are not among the sizes the artifact accepts \[4\]"
     ):
-        batch_policy(ModelConfig(batch_sizes=(2, 4)), FIXED_4)
+        batch_policy(_toml(batch_sizes=(2, 4)), FIXED_4)
 
 
 def test_max_batch_size_above_the_fixed_size_is_an_error():
     with pytest.raises(ConfigError, match=r"max_batch_size = 8 is larger than the artifact accepts \(4\)"):
-        batch_policy(ModelConfig(max_batch_size=8), FIXED_4)
+        batch_policy(_toml(max_batch_size=8), FIXED_4)
 
 
 # -- batch_policy: NONE and user scripts -----------------------------------------------------
 
 
 def test_artifact_without_batch_dimension_runs_each_request_alone():
-    policy = batch_policy(ModelConfig(max_queue=9), NO_BATCH)
+    policy = batch_policy(_toml(max_queue=9), NO_BATCH)
     assert (policy.max_batch_size, policy.splittable, policy.max_queue) == (1, False, 9)
 
 
 def test_max_batch_size_on_an_artifact_without_batch_dimension_is_an_error():
     with pytest.raises(ConfigError, match="no batch dimension"):
-        batch_policy(ModelConfig(max_batch_size=8), NO_BATCH)
+        batch_policy(_toml(max_batch_size=8), NO_BATCH)
 
 
 def test_user_script_without_batch_opt_in_runs_one_request_at_a_time_whatever_the_knobs():
-    policy = batch_policy(ModelConfig(max_batch_size=8, max_queue=5), DYNAMIC, raw=True)
+    policy = batch_policy(_toml(max_batch_size=8, max_queue=5), DYNAMIC, raw=True)
     assert (policy.max_batch_size, policy.splittable, policy.max_queue) == (1, False, 5)
 
 
 def test_user_script_that_opted_in_batches_like_a_dynamic_artifact():
     signature = Signature(batch=BatchMode.DYNAMIC, max_batch=8)
-    policy = batch_policy(ModelConfig(batch=True, max_batch_size=8), signature, raw=True)
+    policy = batch_policy(_toml(batch=True, max_batch_size=8), signature, raw=True)
     assert (policy.max_batch_size, policy.splittable) == (8, True)
 
 
@@ -219,14 +224,27 @@ def test_a_timeout_that_is_not_positive_is_a_config_error(tmp_path, value):
 
 def test_batch_sizes_on_an_artifact_without_batch_dimension_are_an_error_not_ignored():
     with pytest.raises(ConfigError, match=r"batch_sizes \[2, 4\] need a batch dimension"):
-        batch_policy(ModelConfig(batch_sizes=(2, 4)), NO_BATCH)
+        batch_policy(_toml(batch_sizes=(2, 4)), NO_BATCH)
 
 
 def test_batch_sizes_on_a_user_script_batching_one_row_at_a_time_are_an_error_with_a_hint():
     # the handler reports no batch dimension when batch = true but max_batch_size is left at 1
     with pytest.raises(ConfigError, match="max_batch_size > 1"):
-        batch_policy(ModelConfig(batch=True, batch_sizes=(2, 4)), NO_BATCH, raw=True)
+        batch_policy(_toml(batch=True, batch_sizes=(2, 4)), NO_BATCH, raw=True)
 
 
 def test_batch_sizes_of_one_are_harmless_without_a_batch_dimension():
-    assert batch_policy(ModelConfig(batch_sizes=(1,)), NO_BATCH).splittable is False
+    assert batch_policy(_toml(batch_sizes=(1,)), NO_BATCH).splittable is False
+
+
+def test_server_wide_defaults_adapt_to_each_artifact():
+    # ONEBOX_MAX_BATCH_SIZE applies to every model: a model without a batch dimension still loads,
+    # and one with a smaller range is capped to it; only onebox.toml values are hard requirements
+    assert batch_policy(ModelConfig(max_batch_size=32), NO_BATCH).splittable is False
+    assert batch_policy(ModelConfig(max_batch_size=128), DYNAMIC_64).max_batch_size == 64
+
+
+def test_load_model_config_records_which_keys_the_file_set(tmp_path):
+    (tmp_path / "onebox.toml").write_text("max_batch_size = 4\nmax_delay_ms = 1\n")
+    config = load_model_config(tmp_path, ModelConfig(max_queue=9))
+    assert config.explicit == {"max_batch_size", "max_delay_ms"}
