@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("model_dir", type=Path)
     detect.add_argument("--json", action="store_true", help="print JSON")
 
+    sub.add_parser("bench", help="load-test a running server: latency percentiles, requests/s (bench --help)")
+
     host = sub.add_parser("host", help=argparse.SUPPRESS)
     host.add_argument("--socket", required=True)
     host.add_argument("--device", default="cpu")
@@ -36,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; bad configuration exits 2 with one line on stderr."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the load generator has its own options
+        from serving.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return _run(args)
