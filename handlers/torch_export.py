@@ -90,7 +90,9 @@ class TorchExportHandler(Handler):
         target = torch_device(device)
         program = torch.export.load(str(artifact.path))
         if target.type != "cpu":
-            program = torch.export.passes.move_to_device_pass(program, target)
+            from torch.export.passes import move_to_device_pass  # a submodule torch.export does not import
+
+            program = move_to_device_pass(program, target)
         module = program.module()
         dtype = compute_dtype(config)
         if dtype != torch.float32:

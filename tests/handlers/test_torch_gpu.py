@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -93,10 +96,22 @@ def cuda_aoti_package(tmp_path_factory, torch_artifacts):
 def test_cuda_aoti_package_predicts_like_cpu(cuda_aoti_package, torch_artifacts):
     _, model = torch_artifacts
     assert detect(cuda_aoti_package.parent).devices == ("cuda",)
-    handler = loaded(cuda_aoti_package)
     x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    np.save(cuda_aoti_package.parent / "x.npy", x)
+    # In a child process: loading a CUDA AOTI package crashed the interpreter on one torch 2.11 host.
+    code = (
+        "import sys, numpy as np; from pathlib import Path; from handlers.registry import detect, handler_class\n"
+        "from serving.types import Device, ModelConfig\n"
+        "d = Path(sys.argv[1]); art = detect(d, model_file='model.pt2'); h = handler_class(art.handler)()\n"
+        "h.load(art, Device('cuda', 0), ModelConfig())\n"
+        "np.save(d / 'y.npy', h.predict({'input': np.load(d / 'x.npy')})['output'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(cuda_aoti_package.parent)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     np.testing.assert_allclose(
-        handler.predict({"input": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
+        np.load(cuda_aoti_package.parent / "y.npy"), cpu_reference(model, x), rtol=1e-3, atol=1e-4
     )
 
 
