@@ -1,0 +1,118 @@
+"""What both benchmarks share: start a server process, wait for ``/ping``, measure, print tables."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from serving.bench import LoadResult, run_load
+from serving.bench.loadgen import Verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """A server subprocess (``onebox serve`` or the echo app) on a free local port."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], ready_timeout: float = 120.0):
+        self.port = free_port()
+        self.args = [sys.executable, *args]
+        self.env = {**os.environ, **env, "SAGEMAKER_BIND_TO_PORT": str(self.port),
+                    "ONEBOX_BIND_HOST": "127.0.0.1", "PYTHONPATH": str(REPO)}  # fmt: skip
+        self.ready_timeout = ready_timeout
+        self.log = Path(tempfile.mkstemp(prefix="onebox-bench-", suffix=".log")[1])
+
+    @property
+    def url(self) -> str:
+        """The invocation URL."""
+        return f"http://127.0.0.1:{self.port}/invocations"
+
+    def __enter__(self) -> Service:
+        self._log = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        end = time.monotonic() + self.ready_timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if self._ping() == 200:
+                return self
+            time.sleep(0.2)
+        self.__exit__()
+        raise TimeoutError(f"server not ready within {self.ready_timeout}s:\n{self.log.read_text()}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def _ping(self) -> int | None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/ping")
+            return conn.getresponse().status
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
+
+def measure(url: str, body: bytes, concurrency: int, *, duration_s: float, warmup_s: float, repeats: int,
+            verify: Verify | None = None) -> list[LoadResult]:  # fmt: skip
+    """``repeats`` runs of the same load; every answer must be 2xx and pass ``verify``."""
+    results = []
+    for _ in range(repeats):
+        result = run_load(url, body=body, headers={"Content-Type": "application/json"},
+                          concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
+                          verify=verify, verify_every=50)  # fmt: skip
+        if result.error_count or result.verify_failures or not result.requests:
+            raise RuntimeError(f"bad answers at concurrency {concurrency}: {result}")
+        results.append(result)
+    return results
+
+
+def median_run(results: list[LoadResult]) -> LoadResult:
+    """The run with the median throughput (of an even count, the upper middle one)."""
+    ordered = sorted(results, key=lambda r: r.rps)
+    return ordered[len(ordered) // 2]
+
+
+def spread(results: list[LoadResult]) -> str:
+    """Throughput range over the repeats, as ``min-max``, and the relative spread."""
+    rates = [r.rps for r in results]
+    low, high = min(rates), max(rates)
+    return f"{low:.0f}-{high:.0f} ({(high - low) / statistics.mean(rates) * 100:.0f}%)"
+
+
+def machine() -> str:
+    """One line describing this machine."""
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return (
+        f"{os.cpu_count()} CPUs, {model}, {mem_kb / 1024 / 1024:.1f} GiB RAM, load {os.getloadavg()[0]:.2f}"
+    )
