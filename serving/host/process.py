@@ -14,11 +14,11 @@ from pathlib import Path
 
 from serving.batching import BatchStats
 from serving.errors import BadRequest, ConfigError, ServingError
-from serving.host.registry import ModelRegistry, State
+from serving.host.registry import ModelRegistry, State, wait_result
 from serving.ipc.protocol import decode_tensors, encode_tensors
-from serving.ipc.server import IPCServer
+from serving.ipc.server import IPCServer, Pending
 from serving.settings import Settings
-from serving.types import Device, RawRequest
+from serving.types import Device, RawRequest, Tensors
 
 log = logging.getLogger("onebox.host")
 
@@ -48,16 +48,17 @@ class Host:
             name: dict(zip(keys, totals, strict=True)) for name, totals in list(self._batch_totals.items())
         }
 
-    def dispatch(self, header: dict, buffers: list) -> tuple[dict, list]:
-        """Answer one IPC message."""
+    def dispatch(self, header: dict, buffers: list) -> tuple[dict, list] | Pending:
+        """Answer one IPC message (a model call is answered by the batcher thread, see Pending)."""
         op = header.get("op")
         deadline = float(header.get("deadline", time.time() + self.settings.timeout_s))
         if op == "infer":
-            outputs = self.registry.infer(
-                header["model"], decode_tensors(header["inputs"], buffers), deadline
-            )
-            specs, out = encode_tensors(outputs)
-            return {"outputs": specs}, out
+            inputs = decode_tensors(header["inputs"], buffers)
+            future, capped = self.registry.submit(header["model"], inputs, deadline)
+            if capped < deadline:  # the model's own timeout_s is shorter: the host must answer 504
+                return _outputs_reply(wait_result(future, capped))
+            # the frontend's socket timeout turns a late answer into 504 at the same deadline
+            return Pending(future, _outputs_reply)
         if op == "invoke":
             request = RawRequest(
                 bytes(buffers[0]) if buffers else b"",

@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -169,12 +170,17 @@ class ModelRegistry:
     # -- request path --------------------------------------------------------------------
     def infer(self, name: str, inputs: Tensors, deadline: float) -> Tensors:
         """Queue decoded inputs for ``name`` and wait for its rows of the batch's outputs."""
+        future, capped = self.submit(name, inputs, deadline)
+        return wait_result(future, capped)
+
+    def submit(self, name: str, inputs: Tensors, deadline: float) -> tuple[Future, float]:
+        """Queue decoded inputs for ``name``; the future of its outputs and the deadline that applies."""
         model = self.get(name)
         if model.handler.raw:
             raise BadRequest(f"model {name!r} takes raw request bodies")
         inputs = conform_inputs(inputs, model.handler.signature)
         deadline = _model_deadline(model, deadline)
-        return _wait(model.batcher.submit(inputs, deadline), deadline)
+        return model.batcher.submit(inputs, deadline), deadline
 
     def invoke(self, name: str, request: RawRequest, deadline: float) -> RawResponse:
         """Run a raw request through a user script (through the batcher when it opted in)."""
@@ -185,14 +191,14 @@ class ModelRegistry:
         deadline = _model_deadline(model, deadline)
         if model.config.batch:
             inputs = handler.prepare(request)
-            outputs = _wait(model.batcher.submit(inputs, deadline), deadline)
+            outputs = wait_result(model.batcher.submit(inputs, deadline), deadline)
             return handler.finish(outputs, request)
         # one request at a time through the same queue: user code need not be thread-safe,
         # and deadlines and the queue limit apply as for tensors
         serial = model.serial
         ticket = serial.enqueue(request)
         try:
-            _wait(model.batcher.submit({"ticket": ticket}, deadline), deadline)
+            wait_result(model.batcher.submit({"ticket": ticket}, deadline), deadline)
             return serial.take(ticket)
         finally:
             serial.forget(ticket)
@@ -232,7 +238,8 @@ def _model_deadline(model: Model, deadline: float) -> float:
     return min(deadline, time.time() + model.config.timeout_s)
 
 
-def _wait(future, deadline: float):
+def wait_result(future, deadline: float):
+    """The future's result, or DeadlineExceeded once ``deadline`` (``time.time()`` seconds) passes."""
     from concurrent.futures import TimeoutError as FutureTimeout
 
     from serving.errors import DeadlineExceeded
