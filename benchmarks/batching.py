@@ -1,6 +1,6 @@
 """What dynamic batching buys on CPU: a TorchScript MLP served with batching off and on.
 
-The model is an MLP 256 -> 3072 -> 3072 -> 10 (10.3 M parameters, 41 MB of float32 weights): at
+The model is an MLP 256 -> 4096 -> 4096 -> 10 (17.9 M parameters, 72 MB of float32 weights): at
 batch 1 a call is bound by streaming the weights, so one call for 32 rows costs a few times one
 call for one row, which is where batching pays on a CPU. One run prints requests/s and p50/p99 at
 concurrency 1, 8, 32 and 64 with ``max_batch_size = 1`` and with ``max_batch_size = 32,
@@ -8,7 +8,7 @@ max_delay_ms = 0``, plus the mean batch size the host formed (from its ``stats``
 at least 3x the requests/s at concurrency 32 with batching on, and a p50 at concurrency 1 no more
 than 0.5 ms above batching off.
 
-    .venv/bin/python benchmarks/batching.py [--duration 5] [--repeats 3] [--threads 1]
+    .venv/bin/python benchmarks/batching.py [--duration 5] [--repeats 2] [--threads 1] [--hidden 4096]
 """
 
 from __future__ import annotations
@@ -27,27 +27,26 @@ from serving.ipc.client import HostClient
 from serving.ipc.directory import read_hosts_file
 
 LEVELS = (1, 8, 32, 64)
-HIDDEN = 3072
 CONFIGS = {"off": "max_batch_size = 1\n", "on": "max_batch_size = 32\nmax_delay_ms = 0\n"}
 SIGNATURE = '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, 256]\n'
 
 
-def build_mlp(path: Path):
+def build_mlp(path: Path, hidden: int):
     """Script and save the MLP; returns the module for computing expected answers."""
     import torch
 
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(
-        torch.nn.Linear(256, HIDDEN), torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, 10),
+        torch.nn.Linear(256, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
     ).eval()  # fmt: skip
     scripted = torch.jit.script(mlp)
     torch.jit.save(scripted, str(path))
     return mlp
 
 
-def model_dirs(root: Path, threads: int) -> tuple[dict[str, Path], bytes, list[float]]:
+def model_dirs(root: Path, threads: int, hidden: int) -> tuple[dict[str, Path], bytes, list[float]]:
     """One model directory per batching config (same model file), the request body and its answer."""
     import numpy as np
     import torch
@@ -59,7 +58,7 @@ def model_dirs(root: Path, threads: int) -> tuple[dict[str, Path], bytes, list[f
         model_dir.mkdir()
         (model_dir / "onebox.toml").write_text(f"threads = {threads}\n{knobs}{SIGNATURE}")
         if model is None:
-            model = build_mlp(model_dir / "model.pt")
+            model = build_mlp(model_dir / "model.pt", hidden)
             first = model_dir / "model.pt"
         else:
             (model_dir / "model.pt").write_bytes(first.read_bytes())
@@ -101,21 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (the median is shown)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the model host")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (onebox.toml threads)")
+    parser.add_argument("--hidden", type=int, default=4096, help="width of the two hidden layers")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
-    print(f"model: TorchScript MLP 256-{HIDDEN}-{HIDDEN}-10, JSON body of 1 row; torch threads {args.threads}; "
+    print(f"model: TorchScript MLP 256-{args.hidden}-{args.hidden}-10, JSON body of 1 row; torch threads {args.threads}; "
           f"server defaults otherwise; {args.repeats} runs of {args.duration:g}s (+{args.warmup:g}s warm-up), "
           "median shown")  # fmt: skip
     results, batch_means = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs, body, expected = model_dirs(Path(tmp), args.threads)
+        dirs, body, expected = model_dirs(Path(tmp), args.threads, args.hidden)
         verify = checker(expected)
         for name, model_dir in dirs.items():
             run_dir = Path(tmp) / f"run-{name}"
-            # the torch handler does not apply onebox.toml's threads yet; OMP_NUM_THREADS sets torch's pool
-            env = {"ONEBOX_RUN_DIR": str(run_dir), "OMP_NUM_THREADS": str(args.threads),
-                   "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING"}  # fmt: skip
+            env = {"ONEBOX_RUN_DIR": str(run_dir), "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING"}
             with Service(["-m", "serving", "serve", str(model_dir)], env) as service:
                 for level in LEVELS:
                     before = host_stats(run_dir)

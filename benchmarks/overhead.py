@@ -5,7 +5,7 @@ One run prints requests/s and p50/p99 at concurrency 1, 8 and 32 for a trivial O
 app (``benchmarks/echo_app.py``), and their ratios. Target: at concurrency 8 the full stack keeps
 at least 85% of the echo's requests/s and a p50 within 1 ms of the echo's.
 
-    .venv/bin/python benchmarks/overhead.py [--duration 5] [--repeats 3] [--workers 2] [--threads 8]
+    .venv/bin/python benchmarks/overhead.py [--duration 5] [--repeats 3] [--workers 2] [--threads 32]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the median is shown)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both servers")
-    parser.add_argument("--threads", type=int, default=8, help="gthread threads per worker for both")
+    parser.add_argument("--threads", type=int, default=32, help="gthread threads per worker for both")
     args = parser.parse_args(argv)
     env = {"SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers), "ONEBOX_FRONTEND_THREADS": str(args.threads),
            "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING"}  # fmt: skip
