@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -105,12 +106,20 @@ class Host:
         )
 
 
+def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
+    specs, out = encode_tensors(outputs)
+    return {"outputs": specs}, out
+
+
 def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> int:
     """Entry point of a host process; returns its exit code."""
     settings = Settings.from_env()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s [host] %(name)s: %(message)s"
     )
+    # many connection threads wait on sockets and futures: hand the GIL over sooner than the
+    # default 5 ms so a woken thread does not queue behind a busy one (batch formation, copies)
+    sys.setswitchinterval(0.0005)
     host = Host(settings, Device.parse(device))
     server = IPCServer(socket_path, host.dispatch)
     stop = threading.Event()

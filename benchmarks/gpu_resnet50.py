@@ -1,0 +1,332 @@
+"""ResNet-50 on an NVIDIA GPU: the offline ceiling of an artifact next to what `onebox serve` delivers.
+
+One run prints, for each artifact kind (TorchScript, AOTInductor) and input dtype (uint8, fp16):
+  offline   images/s and latency of the loaded artifact at batch 1, 8, 32, 64, 128 (device tensors,
+            CUDA events: the ceiling);
+  served    images/s, p50/p99 latency and mean GPU utilisation through `onebox serve` with ONE image
+            per request (1x3x224x224 as application/x-npy) at concurrency 1, 16, 64, 256;
+and the two ratios the issue sets as targets: served/offline throughput at the same maximum batch
+(128) and served minus offline latency at concurrency 1.
+
+The model is torchvision's ResNet-50 with random weights (no download), fp16, channels-last, with
+the input cast and scaled inside the model, so a uint8 image goes over the wire as uint8.
+
+    python benchmarks/gpu_resnet50.py --kinds torchscript --out /tmp/gpu   # see benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from serving.bench.loadgen import run_load  # noqa: E402
+from serving.host.devices import gpu_utilisation  # noqa: E402
+from tests.support.server import Server  # noqa: E402
+
+MAX_BATCH = 128
+
+
+def build_module(torch, torchvision):
+    """ResNet-50 (random weights) in fp16/channels-last that takes uint8 or fp16 images."""
+
+    class Served(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torchvision.models.resnet50(weights=None)
+
+        def forward(self, x):
+            x = x.to(torch.float16).mul(1.0 / 255.0).contiguous(memory_format=torch.channels_last)
+            return self.net(x)
+
+    return Served().eval().half().to(memory_format=torch.channels_last).cuda()
+
+
+def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
+    """Model directories keyed by (kind, dtype), each with its onebox.toml."""
+    import torch
+    import torchvision
+
+    module = build_module(torch, torchvision)
+    out = {}
+    for dtype in dtypes:
+        example = torch.randint(0, 255, (8, 3, 224, 224), dtype=torch.uint8, device="cuda")
+        if dtype == "float16":
+            example = example.half()
+        for kind in kinds:
+            model_dir = workdir / f"{kind}-{dtype}"
+            model_dir.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                if kind == "torchscript":
+                    traced = torch.jit.trace(module, example)
+                    torch.jit.save(traced, str(model_dir / "model.pt"))
+                else:
+                    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+                    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+                    torch._inductor.aoti_compile_and_package(
+                        program, package_path=str(model_dir / "model.pt2")
+                    )
+            (model_dir / "onebox.toml").write_text(
+                f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\n'
+                f'[[inputs]]\nname = "x"\ndtype = "{dtype}"\nshape = [-1, 3, 224, 224]\n'
+            )
+            print(f"built {kind}/{dtype} in {time.perf_counter() - started:.1f}s", flush=True)
+            out[(kind, dtype)] = model_dir
+    return out
+
+
+def load_offline(kind: str, model_dir: Path):
+    import torch
+
+    if kind == "torchscript":
+        return torch.jit.load(str(model_dir / "model.pt"), map_location="cuda").eval()
+    return torch._inductor.aoti_load_package(str(model_dir / "model.pt2"))
+
+
+def offline(kind: str, model_dir: Path, dtype: str, batches: list[int]) -> dict[int, dict]:
+    """Images/s and per-batch latency of the artifact itself, inputs already on the device."""
+    import torch
+
+    fn = load_offline(kind, model_dir)
+    results = {}
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = [
+                torch.randint(0, 255, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
+                for _ in range(4)
+            ]
+            if dtype == "float16":
+                inputs = [x.half() for x in inputs]
+            for i in range(10):
+                fn(inputs[i % 4])
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                iters = max(5, 400 // batch)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for i in range(iters):
+                    fn(inputs[i % 4])
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / iters)
+            ms = statistics.median(times)
+            results[batch] = {"ms": ms, "img_s": batch * 1000.0 / ms}
+            print(
+                f"offline {kind:11s} {dtype:7s} batch {batch:3d}: {ms:7.2f} ms  {batch * 1000.0 / ms:9.0f} img/s",
+                flush=True,
+            )
+    del fn
+    torch.cuda.empty_cache()
+    return results
+
+
+def server_roles(pid: int) -> dict[str, list]:
+    """The server's processes by role: the model host and the frontends (master and workers)."""
+    import psutil
+
+    roles: dict[str, list] = {"host": [], "frontend": []}
+    for proc in psutil.Process(pid).children(recursive=True):
+        cmd = " ".join(proc.cmdline())
+        roles["host" if " host " in f"{cmd} " else "frontend"].append(proc)
+    return roles
+
+
+class GpuSampler:
+    """Mean GPU utilisation (NVML) and CPU use of the server's roles while a run is in progress."""
+
+    def __init__(self, server_pid: int | None = None):
+        self.samples: list[int] = []
+        self.cpu: dict[str, list[float]] = {"host": [], "frontend": [], "machine": []}
+        self._roles = server_roles(server_pid) if server_pid else {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        for procs in self._roles.values():
+            for proc in procs:
+                proc.cpu_percent()
+        psutil.cpu_percent()
+        while not self._stop.wait(0.25):
+            gpus = gpu_utilisation()
+            if gpus:
+                self.samples.append(gpus[0]["gpu_percent"])
+            for role, procs in self._roles.items():
+                total = 0.0
+                for proc in procs:
+                    try:
+                        total += proc.cpu_percent()
+                    except psutil.Error:
+                        pass
+                self.cpu[role].append(total / 100.0)  # cores busy
+            self.cpu["machine"].append(psutil.cpu_percent() * (os.cpu_count() or 1) / 100.0)
+
+    def cores(self, role: str) -> float:
+        values = self.cpu.get(role) or []
+        return statistics.mean(values[2:] or values) if values else float("nan")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.samples) if self.samples else float("nan")
+
+
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """Sample a process with py-spy (collapsed stacks) in the background, if py-spy is installed."""
+    import shutil
+
+    exe = shutil.which("py-spy") or next(
+        (p for p in map(Path, sys.path) if (p / "bin/py-spy").exists()), None
+    )
+    if exe is None:
+        return None
+    exe = exe if isinstance(exe, str) else str(exe / "bin/py-spy")
+    cmd = [
+        exe,
+        "record",
+        "-f",
+        "raw",
+        "-r",
+        "200",
+        "-d",
+        str(int(seconds)),
+        "--nonblocking",
+        "-o",
+        str(out),
+        "--pid",
+        str(pid),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
+           profile_dir: Path | None = None) -> dict:  # fmt: skip
+    """Throughput and latency through `onebox serve`, one image per request."""
+    image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
+    if dtype == "float16":
+        image = image.astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, image)
+    body = buf.getvalue()
+    headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    env = {"ONEBOX_FRONTEND_THREADS": "64", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30"}
+    results = {}
+
+    def verify(status: int, payload: bytes):
+        if status != 200:
+            return f"status {status}: {payload[:200]!r}"
+        out = np.load(io.BytesIO(payload))
+        return None if out.shape == (1, 1000) else f"shape {out.shape}"
+
+    started = time.perf_counter()
+    with Server(model_dir, env=env, workers=workers, threads=64, ready_timeout=600) as server:
+        print(f"served {kind}/{dtype}: ready in {time.perf_counter() - started:.1f}s", flush=True)
+        url = f"http://127.0.0.1:{server.port}/invocations"
+        for conc in concurrencies:
+            processes = 1 if conc == 1 else min(6, max(2, conc // 32))
+            spies = []
+            if profile_dir is not None and conc == max(concurrencies):
+                roles = server_roles(server.proc.pid)
+                workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
+                targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
+                for role, proc in targets.items():
+                    spy = profile(proc.pid, duration, profile_dir / f"profile-{kind}-{dtype}-{role}.txt")
+                    if spy:
+                        spies.append(spy)
+            with GpuSampler(server.proc.pid) as gpu:
+                result = run_load(url, body=body, headers=headers, concurrency=conc, duration_s=duration,
+                                  warmup_s=2.0, processes=processes, verify=verify, verify_every=50)  # fmt: skip
+            results[conc] = {
+                "img_s": result.rps,
+                "p50_ms": result.p50_ms,
+                "p99_ms": result.p99_ms,
+                "gpu_util": gpu.mean,
+                "errors": result.errors,
+                "verify_failures": result.verify_failures,
+                "client_cpu_s": result.client_cpu_s,
+                "host_cores": gpu.cores("host"),
+                "frontend_cores": gpu.cores("frontend"),
+                "machine_cores": gpu.cores("machine"),
+            }
+            for spy in spies:
+                spy.wait(60)
+            print(
+                f"served  {kind:11s} {dtype:7s} conc {conc:3d}: {result.rps:9.0f} img/s  p50 {result.p50_ms:7.2f} ms"
+                f"  p99 {result.p99_ms:7.2f} ms  GPU {gpu.mean:5.1f}%  errors {result.errors or 0}"
+                f"  bad {result.verify_failures}  cores: host {gpu.cores('host'):.1f} frontends "
+                f"{gpu.cores('frontend'):.1f} machine {gpu.cores('machine'):.1f}/{os.cpu_count()}",
+                flush=True,
+            )
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kinds", default="torchscript,aoti")
+    parser.add_argument("--dtypes", default="uint8,float16")
+    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per served point")
+    parser.add_argument("--workers", type=int, default=8, help="frontend processes")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
+    )
+    args = parser.parse_args(argv)
+    kinds, dtypes = args.kinds.split(","), args.dtypes.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    print(
+        f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CPUs {os.cpu_count()}",
+        flush=True,
+    )
+    artifacts = make_artifacts(args.out, kinds, dtypes)
+    report = {}
+    for (kind, dtype), model_dir in artifacts.items():
+        off = offline(kind, model_dir, dtype, batches)
+        srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile)
+        ceiling = off[max(batches)]["img_s"]
+        best = max(r["img_s"] for r in srv.values())
+        report[f"{kind}/{dtype}"] = {"offline": off, "served": srv}
+        print(
+            f"== {kind}/{dtype}: served {best:.0f} img/s = {best / ceiling:.0%} of the offline ceiling "
+            f"{ceiling:.0f} img/s (batch {max(batches)}); conc-1 latency {srv[concurrencies[0]]['p50_ms']:.2f} ms "
+            f"vs offline batch-1 {off[batches[0]]['ms']:.2f} ms (+{srv[concurrencies[0]]['p50_ms'] - off[batches[0]]['ms']:.2f} ms)",
+            flush=True,
+        )
+    (args.out / f"gpu_resnet50-{args.kinds.replace(',', '-')}.json").write_text(
+        json.dumps(report, indent=1, default=str)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
