@@ -34,6 +34,8 @@ class Handler(abc.ABC):
     raw: ClassVar[bool] = False
 
     signature: Signature = Signature()
+    #: batches the loaded model can run at once: the batcher's default ``concurrent_batches``
+    concurrent_batches: int = 1
 
     @classmethod
     @abc.abstractmethod

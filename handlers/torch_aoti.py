@@ -96,6 +96,7 @@ class AotiHandler(Handler):
             graph_sizes=self.signature.batch_sizes,
             cast_inputs=False,
         )
+        self.concurrent_batches = self.runner.concurrency
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch after checking it matches the compiled shapes."""

@@ -106,9 +106,12 @@ class TorchRunner:
         if threads:
             torch.set_num_threads(threads)
         self.graph_sizes = set(graph_sizes) if (config.cuda_graphs and self.cuda) else set()
-        self._staging: dict[tuple, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # CUDA graphs share static buffers: one replay at a time
+        self._local = threading.local()  # per batcher thread: pinned staging buffers, CUDA stream
+        # two batches in flight on a GPU: one's host copies overlap the other's kernels, each on
+        # its own stream; on the CPU the runtime's own threads already use the cores
+        self.concurrency = 2 if self.cuda else 1
 
     def __call__(self, inputs: Tensors) -> Tensors:
         """Run one batch; outputs are named by :func:`output_names` unless the model returns a dict."""
@@ -118,7 +121,7 @@ class TorchRunner:
         if missing:
             raise BadRequest(f"missing input(s) {missing}; the model takes {self.input_names}")
         arrays = [np.ascontiguousarray(inputs[n]) for n in self.input_names]
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode(), self._on_own_stream():
             try:
                 return self._run(arrays)
             except torch.OutOfMemoryError as exc:
@@ -127,17 +130,30 @@ class TorchRunner:
                     f"out of device memory running a batch on {self.device}: {str(exc).splitlines()[0]}"
                 ) from None
 
-    def _run(self, arrays: list[np.ndarray]) -> Tensors:
+    def _on_own_stream(self):
+        """A CUDA stream for the calling thread (a no-op context on the CPU)."""
+        import contextlib
 
+        import torch
+
+        if not self.cuda:
+            return contextlib.nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
+
+    def _run(self, arrays: list[np.ndarray]) -> Tensors:
         key = tuple((a.shape, a.dtype.str) for a in arrays)
         if self.cuda and arrays and arrays[0].ndim and arrays[0].shape[0] in self.graph_sizes:
-            if key not in self._graphs:
-                self._graphs[key] = self._capture([self._to_device(a, i) for i, a in enumerate(arrays)])
-            static_in, static_out, graph, names = self._graphs[key]
-            for i, a in enumerate(arrays):
-                static_in[i].copy_(self._to_device(a, i), non_blocking=True)
-            graph.replay()
-            return self._to_host(static_out, names)
+            with self._lock:
+                if key not in self._graphs:
+                    self._graphs[key] = self._capture([self._to_device(a, i) for i, a in enumerate(arrays)])
+                static_in, static_out, graph, names = self._graphs[key]
+                for i, a in enumerate(arrays):
+                    static_in[i].copy_(self._to_device(a, i), non_blocking=True)
+                graph.replay()
+                return self._to_host(static_out, names)
         out = self.fn(*[self._to_device(a, i) for i, a in enumerate(arrays)])
         return self._to_host(flatten_outputs(out), _names_for(out))
 
@@ -146,10 +162,11 @@ class TorchRunner:
 
         tensor = torch.from_numpy(array)
         if self.cuda:
+            staging = self._local.__dict__.setdefault("staging", {})
             key = (slot, array.shape, array.dtype.str)
-            buf = self._staging.get(key)
+            buf = staging.get(key)
             if buf is None:
-                buf = self._staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
+                buf = staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
             buf.copy_(tensor)
             tensor = buf.to(self.device, non_blocking=True)
         if self.cast_inputs and tensor.is_floating_point() and tensor.dtype != self.dtype:

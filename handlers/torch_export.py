@@ -102,6 +102,7 @@ class TorchExportHandler(Handler):
         self.runner = TorchRunner(
             module, device, config, [s.name for s in self.signature.inputs], graph_sizes=sizes
         )
+        self.concurrent_batches = self.runner.concurrency
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run the program on one batch (its guards reject shapes it was not exported for)."""

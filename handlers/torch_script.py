@@ -50,6 +50,7 @@ class TorchScriptHandler(Handler):
             signature = Signature(inputs=inputs, batch=BatchMode.DYNAMIC)
         sizes = signature.batch_sizes or config.batch_sizes
         self.runner = TorchRunner(module, device, config, [s.name for s in inputs], graph_sizes=sizes)
+        self.concurrent_batches = self.runner.concurrency
         outputs = declared_specs(config, "outputs")
         if outputs is None and declared:
             outputs = outputs_from_sample(self.runner, signature)

@@ -74,6 +74,7 @@ class Settings:
             warmup=env.get("ONEBOX_WARMUP", _bool, True),
             cuda_graphs=env.get("ONEBOX_CUDA_GRAPHS", _bool, False),
             threads=env.get("ONEBOX_INTRA_OP_THREADS", _positive_int, None),
+            concurrent_batches=env.get("ONEBOX_CONCURRENT_BATCHES", _positive_int, None),
         )
         settings = cls(
             port=env.get("SAGEMAKER_BIND_TO_PORT", _port, 8080),

@@ -136,5 +136,6 @@ class ModelConfig:
     warmup: bool = True  # run every batch size once before ready
     cuda_graphs: bool = False  # capture CUDA graphs for fixed batch sizes
     threads: int | None = None  # intra-op threads for CPU runtimes
+    concurrent_batches: int | None = None  # batches in flight at once (None: what the handler suggests)
     extra: dict = field(default_factory=dict)  # handler-specific keys from onebox.toml
     explicit: frozenset[str] = frozenset()  # keys onebox.toml set (the rest are server-wide defaults)

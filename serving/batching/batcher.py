@@ -1,4 +1,4 @@
-"""The dynamic batcher: one queue, one worker thread, a future per request (DESIGN §5)."""
+"""The dynamic batcher: one queue, worker threads forming batches, a future per request (DESIGN §5)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,18 @@ _EMA_WEIGHT = 0.2
 class _Request:
     """A queued request; ``taken`` rows of it already went into batches."""
 
-    __slots__ = ("inputs", "rows", "key", "deadline", "submitted", "future", "taken", "parts", "done")
+    __slots__ = (
+        "inputs",
+        "rows",
+        "key",
+        "deadline",
+        "submitted",
+        "future",
+        "taken",
+        "parts",
+        "received",
+        "done",
+    )
 
     def __init__(self, inputs: Tensors, rows: int, key: Hashable, deadline: float, submitted: float):
         self.inputs = inputs
@@ -49,7 +60,10 @@ class _Request:
         self.submitted = submitted
         self.future: Future = Future()
         self.taken = 0
-        self.parts: list[Tensors] = []  # outputs of the parts done so far, when split
+        self.parts: list[
+            tuple[int, Tensors]
+        ] = []  # (first row, outputs) of the parts done so far, when split
+        self.received = 0  # rows of outputs received so far, when split
         self.done = False
 
 
@@ -58,9 +72,11 @@ _Part = tuple[_Request, int, int]
 
 
 class Batcher:
-    """Queues requests for one model and runs them through ``run`` in batches on one thread.
+    """Queues requests for one model and runs them through ``run`` in batches.
 
-    ``submit`` never blocks on the runner: it validates, enqueues and returns a future.
+    ``submit`` never blocks on the runner: it validates, enqueues and returns a future. Batches
+    run on ``policy.concurrent_batches`` worker threads (one by default); with two, one batch's
+    host-side work (concatenating, copying, answering) overlaps the other's device compute.
     """
 
     def __init__(
@@ -86,8 +102,13 @@ class Batcher:
         self._compute_avg = 0.0
         self._closing = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._parts_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(policy.concurrent_batches)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, inputs: Tensors, deadline: float) -> Future:
         """Queue ``inputs`` to run before ``deadline`` (absolute ``clock()`` seconds).
@@ -136,8 +157,9 @@ class Batcher:
                     self._unqueue(request)
                     _settle(request, error=error)
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     # --- worker -------------------------------------------------------------------------
 
@@ -149,7 +171,7 @@ class Batcher:
                 return
             try:
                 self._execute(parts)
-            except Exception as exc:  # a bug here must not kill the only worker
+            except Exception as exc:  # a bug here must not kill a worker
                 log.exception("batcher %s failed to handle a batch", self._name)
                 self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
 
@@ -171,6 +193,8 @@ class Batcher:
                     continue
             parts = self._take(head.key, now)
             if parts:
+                if self._queue:
+                    self._cond.notify()  # another worker may start on what is left
                 return parts
 
     def _live_head(self, now: float) -> _Request | None:
@@ -286,10 +310,14 @@ class Batcher:
         if first == 0 and stop == request.rows:
             _settle(request, result=outputs)
             return
-        request.parts.append(outputs)  # only the worker thread touches parts
-        if stop == request.rows:
-            joined, request.parts = concatenate(request.parts), []
-            _settle(request, result=joined)
+        with self._parts_lock:  # parts of one request may finish on different workers, in any order
+            request.parts.append((first, outputs))
+            request.received += stop - first
+            if request.received < request.rows:
+                return
+            ordered = [out for _, out in sorted(request.parts, key=lambda part: part[0])]
+            request.parts = []
+        _settle(request, result=concatenate(ordered))
 
     def _fail(self, parts: list[_Part], error: ServingError) -> None:
         with self._cond:

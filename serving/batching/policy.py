@@ -20,6 +20,9 @@ class BatchPolicy:
     batch_sizes: tuple[int, ...] = ()  # static sizes: pad a batch up to the next one
     max_queue: int = 1024  # queued rows before submit raises QueueFull
     splittable: bool = True  # False: no batch dimension; each request runs alone, untouched
+    concurrent_batches: int = (
+        1  # batches in flight at once: >1 overlaps one batch's host work with another's device work
+    )
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the knob when the settings contradict each other."""
@@ -29,6 +32,8 @@ class BatchPolicy:
             math.isfinite(self.max_delay_ms) and self.max_delay_ms >= 0
         ):
             raise ConfigError(f"max_delay_ms must be a finite number >= 0, got {self.max_delay_ms!r}")
+        if not _is_int(self.concurrent_batches) or self.concurrent_batches < 1:
+            raise ConfigError(f"concurrent_batches must be an integer >= 1, got {self.concurrent_batches!r}")
         if not _is_int(self.max_queue) or self.max_queue < 1:
             raise ConfigError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
         sizes = tuple(self.batch_sizes)

@@ -39,6 +39,7 @@ _TYPES = {
     "warmup": bool,
     "cuda_graphs": bool,
     "threads": int,
+    "concurrent_batches": int,
 }
 
 
@@ -67,7 +68,9 @@ def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
     return dataclasses.replace(defaults, **changes, extra=extra, explicit=frozenset(changes))
 
 
-def batch_policy(config: ModelConfig, signature: Signature, *, raw: bool = False) -> BatchPolicy:
+def batch_policy(
+    config: ModelConfig, signature: Signature, *, raw: bool = False, concurrency: int = 1
+) -> BatchPolicy:
     """The batcher policy for a loaded model, or ConfigError when the knobs contradict the artifact."""
     if raw and not config.batch:
         return BatchPolicy(max_batch_size=1, max_queue=config.max_queue, splittable=False)
@@ -109,6 +112,7 @@ def batch_policy(config: ModelConfig, signature: Signature, *, raw: bool = False
         batch_sizes=tuple(s for s in sizes if s <= max_batch) if sizes else (),
         max_queue=max(config.max_queue, max_batch),
         splittable=True,
+        concurrent_batches=config.concurrent_batches or concurrency,
     )
     policy.validate()
     return policy

@@ -113,7 +113,9 @@ class ModelRegistry:
         handler = handler_class(artifact.handler)()
         handler.load(artifact, self.device, config)
         model.handler = handler
-        policy = batch_policy(config, handler.signature, raw=handler.raw)
+        policy = batch_policy(
+            config, handler.signature, raw=handler.raw, concurrency=handler.concurrent_batches
+        )
         run = handler.predict
         if handler.raw and not config.batch:
             model.serial = _SerialScript(handler)

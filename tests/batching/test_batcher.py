@@ -7,6 +7,7 @@ next requests queue up (``Runner.hold``); no assertion depends on wall-clock tim
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -382,3 +383,33 @@ def test_a_failing_observer_does_not_stop_the_batcher(make, runner):
     batcher = make(BatchPolicy(max_batch_size=4), observe=broken)
     for i in range(2):
         assert batcher.submit(rows(1, start=i), FAR).result(WAIT)["y"].shape == (1, 3)
+
+
+def test_two_concurrent_batches_overlap_and_split_parts_reassemble_in_order():
+    # with concurrent_batches=2 a second batch starts while the first is still in the runner;
+    # a request split across both gets its rows back in order whichever finishes first
+    first_started = threading.Event()
+    release_first = threading.Event()
+    seen = []
+
+    def run(inputs):
+        x = inputs["x"]
+        seen.append(x.shape[0])
+        if len(seen) == 1:
+            first_started.set()
+            assert release_first.wait(5)
+        return {"y": x * 10}
+
+    batcher = Batcher(run, BatchPolicy(max_batch_size=4, max_queue=64, concurrent_batches=2))
+    x = np.arange(8, dtype=np.float32).reshape(8, 1)
+    future = batcher.submit({"x": x}, deadline=time.time() + 10)
+    assert first_started.wait(5)
+    # the second half ran and finished while the first half is still held in the runner
+    deadline = time.time() + 5
+    while len(seen) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert seen == [4, 4]
+    assert not future.done()
+    release_first.set()
+    np.testing.assert_array_equal(future.result(5)["y"], x * 10)
+    batcher.close()

@@ -30,6 +30,7 @@ def policies(draw) -> BatchPolicy:
         max_delay_ms=draw(st.sampled_from([0, 1, 3])),
         batch_sizes=sizes,
         max_queue=1024,
+        concurrent_batches=draw(st.sampled_from([1, 1, 2, 3])),
     )
 
 

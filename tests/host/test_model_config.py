@@ -248,3 +248,13 @@ def test_load_model_config_records_which_keys_the_file_set(tmp_path):
     (tmp_path / "onebox.toml").write_text("max_batch_size = 4\nmax_delay_ms = 1\n")
     config = load_model_config(tmp_path, ModelConfig(max_queue=9))
     assert config.explicit == {"max_batch_size", "max_delay_ms"}
+
+
+def test_concurrent_batches_come_from_the_handler_unless_onebox_toml_says():
+    assert batch_policy(ModelConfig(max_batch_size=8), DYNAMIC, concurrency=2).concurrent_batches == 2
+    assert (
+        batch_policy(_toml(max_batch_size=8, concurrent_batches=1), DYNAMIC, concurrency=2).concurrent_batches
+        == 1
+    )
+    # a user script that did not opt in to batching runs one request at a time, always
+    assert batch_policy(ModelConfig(), DYNAMIC, raw=True, concurrency=2).concurrent_batches == 1
