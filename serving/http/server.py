@@ -8,6 +8,7 @@ else is set up, and no framework is ever imported here, so nothing touches CUDA 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -54,5 +55,8 @@ class FrontendApplication(BaseApplication):
 def run_frontend(run_dir: Path) -> int:
     """Entry point of the frontend master process."""
     settings = Settings.from_env()
+    # gthread workers run many threads; a thread woken by its socket (a body arriving, the host
+    # answering) should not wait the default 5 ms for the GIL behind a busy one. Workers inherit it.
+    sys.setswitchinterval(0.0005)
     FrontendApplication(settings, read_hosts_file(run_dir)).run()
     return 0
