@@ -8,12 +8,13 @@ max_delay_ms = 0``, plus the mean batch size the host formed (from its ``stats``
 at least 3x the requests/s at concurrency 32 with batching on, and a p50 at concurrency 1 no more
 than 0.5 ms above batching off.
 
-    .venv/bin/python benchmarks/batching.py [--duration 5] [--repeats 2] [--threads 1] [--hidden 4096]
+    .venv/bin/python benchmarks/batching.py [--duration 5] [--repeats 3] [--threads 1] [--hidden 4096]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -99,29 +100,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (the median is shown)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the median is shown)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (onebox.toml threads)")
     parser.add_argument("--hidden", type=int, default=4096, help="width of the two hidden layers")
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
     print(f"model: TorchScript MLP 256-{args.hidden}-{args.hidden}-10, JSON body of 1 row; torch threads {args.threads}; "
           f"server defaults otherwise; {args.repeats} runs of {args.duration:g}s (+{args.warmup:g}s warm-up), "
-          "median shown")  # fmt: skip
-    results, batch_means = {}, {}
+          "median shown; the two servers take turns")  # fmt: skip
+    results, rows, batches = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs, body, expected = model_dirs(Path(tmp), args.threads, args.hidden)
         verify = checker(expected)
-        for name, model_dir in dirs.items():
-            run_dir = Path(tmp) / f"run-{name}"
-            env = {"ONEBOX_RUN_DIR": str(run_dir), "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING"}
-            with Service(["-m", "serving", "serve", str(model_dir)], env) as service:
-                for level in LEVELS:
-                    before = host_stats(run_dir)
-                    results[name, level] = measure(service.url, body, level, duration_s=args.duration,
-                                                   warmup_s=args.warmup, repeats=args.repeats, verify=verify)  # fmt: skip
-                    after = host_stats(run_dir)
-                    batches = after["batches"] - before["batches"]
-                    batch_means[name, level] = (after["rows"] - before["rows"]) / batches if batches else 0.0
+        with contextlib.ExitStack() as stack:
+            services = {}
+            for name, model_dir in dirs.items():
+                env = {
+                    "ONEBOX_RUN_DIR": str(Path(tmp) / f"run-{name}"),
+                    "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING",
+                }
+                services[name] = stack.enter_context(Service(["-m", "serving", "serve", str(model_dir)], env))
+            for level in LEVELS:
+                # both servers stay up and take turns, so drift on the machine hits both alike
+                for _ in range(args.repeats):
+                    for name, service in services.items():
+                        before = host_stats(Path(service.env["ONEBOX_RUN_DIR"]))
+                        run = measure(service.url, body, level, duration_s=args.duration, warmup_s=args.warmup,
+                                      repeats=1, verify=verify)  # fmt: skip
+                        after = host_stats(Path(service.env["ONEBOX_RUN_DIR"]))
+                        results.setdefault((name, level), []).extend(run)
+                        rows[name, level] = rows.get((name, level), 0) + after["rows"] - before["rows"]
+                        batches[name, level] = (
+                            batches.get((name, level), 0) + after["batches"] - before["batches"]
+                        )
+    batch_means = {key: rows[key] / batches[key] if batches[key] else 0.0 for key in rows}
     print()
     print(f"{'conc':>4} | {'off req/s':>9} {'p50':>6} {'p99':>7} | {'on req/s':>8} {'p50':>6} {'p99':>7} "
           f"{'batch':>5} | {'speed-up':>8} | on spread, off spread")  # fmt: skip

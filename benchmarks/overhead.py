@@ -11,6 +11,7 @@ at least 85% of the echo's requests/s and a p50 within 1 ms of the echo's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
            "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING"}  # fmt: skip
     print(f"machine: {machine()}")
     print(f"gunicorn: gthread, {args.workers} workers x {args.threads} threads, keep-alive; "
-          f"{args.repeats} runs of {args.duration:g}s (+{args.warmup:g}s warm-up) each, median shown")  # fmt: skip
+          f"{args.repeats} runs of {args.duration:g}s (+{args.warmup:g}s warm-up) each, median shown; the two servers take turns")  # fmt: skip
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = add_one_model(Path(tmp) / "add_one")
@@ -80,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             "echo": (["benchmarks/echo_app.py"], echo_answer),
             "onebox": (["-m", "serving", "serve", str(model_dir)], model_answer),
         }
-        for name, (cmd, verify) in servers.items():
-            with Service(cmd, env) as service:
-                for level in LEVELS:
-                    runs = measure(service.url, BODY, level, duration_s=args.duration, warmup_s=args.warmup,
-                                   repeats=args.repeats, verify=verify)  # fmt: skip
-                    results[name, level] = runs
+        with contextlib.ExitStack() as stack:
+            started = {name: stack.enter_context(Service(cmd, env)) for name, (cmd, _) in servers.items()}
+            for level in LEVELS:
+                # both servers stay up and take turns, so drift on the machine hits both alike
+                for _ in range(args.repeats):
+                    for name, service in started.items():
+                        run = measure(service.url, BODY, level, duration_s=args.duration, warmup_s=args.warmup,
+                                      repeats=1, verify=servers[name][1])  # fmt: skip
+                        results.setdefault((name, level), []).extend(run)
     print()
     print(f"{'conc':>4} | {'echo req/s':>10} {'p50':>6} {'p99':>6} | {'onebox req/s':>12} {'p50':>6} {'p99':>6} "
           f"| {'rps ratio':>9} {'p50 diff':>8} | onebox spread, client CPU")  # fmt: skip
