@@ -109,9 +109,10 @@ class TorchRunner:
         self._graphs: dict[tuple, tuple] = {}
         self._lock = threading.Lock()  # CUDA graphs share static buffers: one replay at a time
         self._local = threading.local()  # per batcher thread: pinned staging buffers, CUDA stream
-        # two batches in flight on a GPU: one's host copies overlap the other's kernels, each on
-        # its own stream; on the CPU the runtime's own threads already use the cores
-        self.concurrency = 2 if self.cuda else 1
+        # batches this runner may take at once (each thread gets its own stream and staging).
+        # One: on the H100, ResNet-50 served 2816 img/s with one in flight and 1993 with two
+        # (benchmarks/RESULTS.md); the second thread's GIL traffic cost more than the overlap won.
+        self.concurrency = 1
 
     def __call__(self, inputs: Tensors) -> Tensors:
         """Run one batch; outputs are named by :func:`output_names` unless the model returns a dict."""
