@@ -108,7 +108,8 @@ class TorchRunner:
         self.graph_sizes = set(graph_sizes) if (config.cuda_graphs and self.cuda) else set()
         self._graphs: dict[tuple, tuple] = {}
         self._lock = threading.Lock()  # CUDA graphs share static buffers: one replay at a time
-        self._local = threading.local()  # per batcher thread: pinned staging buffers, CUDA stream
+        self._local = threading.local()  # per thread when batches overlap: pinned staging, CUDA stream
+        self._staging: dict[tuple, object] = {}
         # batches this runner may take at once (each thread gets its own stream and staging).
         # One: on the H100, ResNet-50 served 2816 img/s with one in flight and 1993 with two
         # (benchmarks/RESULTS.md); the second thread's GIL traffic cost more than the overlap won.
@@ -137,8 +138,8 @@ class TorchRunner:
 
         import torch
 
-        if not self.cuda:
-            return contextlib.nullcontext()
+        if not self.cuda or self.concurrency == 1:
+            return contextlib.nullcontext()  # one batch at a time: the default stream will do
         stream = getattr(self._local, "stream", None)
         if stream is None:
             stream = self._local.stream = torch.cuda.Stream(self.device)
@@ -163,7 +164,10 @@ class TorchRunner:
 
         tensor = torch.from_numpy(array)
         if self.cuda:
-            staging = self._local.__dict__.setdefault("staging", {})
+            # batches may run on any caller's thread; with one at a time they share the buffers
+            staging = (
+                self._staging if self.concurrency == 1 else self._local.__dict__.setdefault("staging", {})
+            )
             key = (slot, array.shape, array.dtype.str)
             buf = staging.get(key)
             if buf is None:

@@ -103,6 +103,8 @@ class Batcher:
         self._closing = False
         self._cond = threading.Condition()
         self._parts_lock = threading.Lock()
+        self._concurrency = policy.concurrent_batches
+        self._running = 0  # batches in the runner now, on workers or on callers' threads
         self._threads = [
             threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.concurrent_batches)
@@ -110,13 +112,15 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, inputs: Tensors, deadline: float) -> Future:
+    def submit(self, inputs: Tensors, deadline: float, *, run_here: bool = False) -> Future:
         """Queue ``inputs`` to run before ``deadline`` (absolute ``clock()`` seconds).
 
         Returns a ``Future`` of the outputs for exactly these rows. Raises ``BadRequest`` for
         inputs that cannot be batched, ``PayloadTooLarge`` for a request larger than the whole
         queue, ``QueueFull`` (with Retry-After) when its rows do not fit now, ``NotReady`` after
-        ``close``.
+        ``close``. With ``run_here``, a caller that would wait for the result anyway runs the
+        batch itself when the runner is idle and nothing is queued (the future is then done on
+        return); otherwise it queues as usual.
         """
         if self._policy.splittable:
             rows, key = count_rows(inputs), shape_key(inputs)
@@ -131,15 +135,25 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise NotReady(f"model {self._name!r} is shutting down")
-            if self._queued_rows + rows > limit:
-                raise QueueFull(
-                    f"the queue of model {self._name!r} is full ({self._queued_rows} of {limit} rows waiting)",
-                    retry_after=self._retry_after(),
-                )
-            self._queue.append(request)
-            self._queued_rows += rows
-            self._rows_by_key[key] = self._rows_by_key.get(key, 0) + rows
-            self._cond.notify()
+            # Idle runner, empty queue, no delay asked for: this request is the whole batch, so
+            # run it on the caller's thread instead of waking a worker for it (two thread
+            # hand-offs fewer per request at low load, where batching must add nothing).
+            inline = run_here and not self._delay and not self._queue and self._running < self._concurrency
+            inline = inline and rows <= self._cap
+            if inline:
+                self._running += 1
+            else:
+                if self._queued_rows + rows > limit:
+                    raise QueueFull(
+                        f"the queue of model {self._name!r} is full ({self._queued_rows} of {limit} rows waiting)",
+                        retry_after=self._retry_after(),
+                    )
+                self._queue.append(request)
+                self._queued_rows += rows
+                self._rows_by_key[key] = self._rows_by_key.get(key, 0) + rows
+                self._cond.notify()
+        if inline:
+            self._run_inline(request)
         return request.future
 
     def queue_depth(self) -> int:
@@ -167,13 +181,34 @@ class Batcher:
         while True:
             with self._cond:
                 parts = self._next_batch()
+                if parts is not None:
+                    self._running += 1
             if parts is None:
                 return
-            try:
-                self._execute(parts)
-            except Exception as exc:  # a bug here must not kill a worker
-                log.exception("batcher %s failed to handle a batch", self._name)
-                self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
+            self._execute_counted(parts)
+
+    def _run_inline(self, request: _Request) -> None:
+        if request.deadline <= self._clock() or not request.future.set_running_or_notify_cancel():
+            with self._cond:
+                self._running -= 1
+            if not request.future.cancelled():
+                _settle(request, error=DeadlineExceeded(f"deadline passed before model {self._name!r} ran"))
+            return
+        request.taken = request.rows
+        self._execute_counted([(request, 0, request.rows)])
+
+    def _execute_counted(self, parts: list[_Part]) -> None:
+        """Run a batch while counted in ``_running``; wake a worker for what queued meanwhile."""
+        try:
+            self._execute(parts)
+        except Exception as exc:  # a bug here must not kill a worker or strand a caller
+            log.exception("batcher %s failed to handle a batch", self._name)
+            self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
+        finally:
+            with self._cond:
+                self._running -= 1
+                if self._queue:
+                    self._cond.notify()
 
     def _next_batch(self) -> list[_Part] | None:
         """Wait (holding the lock) for the next batch; None once closed and empty."""
@@ -181,9 +216,12 @@ class Batcher:
             now = self._clock()
             head = self._live_head(now)
             if head is None:
-                if self._closing:
+                if self._closing and not self._running:
                     return None
-                self._cond.wait()
+                self._cond.wait(None if not self._closing else 0.05)
+                continue
+            if self._running >= self._concurrency:
+                self._cond.wait()  # a batch (maybe on a caller's thread) holds the runner
                 continue
             if self._delay and not self._closing and self._rows_by_key[head.key] < self._cap:
                 # Only a positive max_delay_ms ever holds a batch back to let it fill.

@@ -181,8 +181,10 @@ class ModelRegistry:
         if model.handler.raw:
             raise BadRequest(f"model {name!r} takes raw request bodies")
         inputs = conform_inputs(inputs, model.handler.signature)
-        deadline = _model_deadline(model, deadline)
-        return model.batcher.submit(inputs, deadline), deadline
+        capped = _model_deadline(model, deadline)
+        # run on this thread only where the frontend's own deadline covers a slow call; a model
+        # timeout shorter than the request's must be enforced here, by waiting on the future
+        return model.batcher.submit(inputs, capped, run_here=capped >= deadline), capped
 
     def invoke(self, name: str, request: RawRequest, deadline: float) -> RawResponse:
         """Run a raw request through a user script (through the batcher when it opted in)."""
@@ -190,17 +192,19 @@ class ModelRegistry:
         handler = model.handler
         if not handler.raw:
             raise BadRequest(f"model {name!r} takes decoded tensors")
-        deadline = _model_deadline(model, deadline)
+        capped = _model_deadline(model, deadline)
+        here = capped >= deadline  # see submit: only where the frontend enforces the deadline
+        deadline = capped
         if model.config.batch:
             inputs = handler.prepare(request)
-            outputs = wait_result(model.batcher.submit(inputs, deadline), deadline)
+            outputs = wait_result(model.batcher.submit(inputs, deadline, run_here=here), deadline)
             return handler.finish(outputs, request)
         # one request at a time through the same queue: user code need not be thread-safe,
         # and deadlines and the queue limit apply as for tensors
         serial = model.serial
         ticket = serial.enqueue(request)
         try:
-            wait_result(model.batcher.submit({"ticket": ticket}, deadline), deadline)
+            wait_result(model.batcher.submit({"ticket": ticket}, deadline, run_here=here), deadline)
             return serial.take(ticket)
         finally:
             serial.forget(ticket)

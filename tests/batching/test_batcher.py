@@ -413,3 +413,61 @@ def test_two_concurrent_batches_overlap_and_split_parts_reassemble_in_order():
     release_first.set()
     np.testing.assert_array_equal(future.result(5)["y"], x * 10)
     batcher.close()
+
+
+def test_run_here_runs_an_idle_request_on_the_callers_thread():
+    threads = []
+
+    def run(inputs):
+        threads.append(threading.current_thread())
+        return {"y": inputs["x"] + 1}
+
+    batcher = Batcher(run, BatchPolicy(max_batch_size=8, max_queue=64))
+    future = batcher.submit({"x": np.ones((2, 3), dtype=np.float32)}, time.time() + 5, run_here=True)
+    assert future.done()  # finished before submit returned
+    assert threads == [threading.current_thread()]
+    np.testing.assert_array_equal(future.result()["y"], np.full((2, 3), 2, dtype=np.float32))
+    batcher.close()
+
+
+def test_run_here_queues_behind_a_busy_runner_and_batches_with_the_rest():
+    started, release = threading.Event(), threading.Event()
+    sizes = []
+
+    def run(inputs):
+        sizes.append(len(inputs["x"]))
+        if len(sizes) == 1:
+            started.set()
+            assert release.wait(5)
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(run, BatchPolicy(max_batch_size=8, max_queue=64))
+    first = threading.Thread(
+        target=batcher.submit,
+        args=({"x": np.zeros((1, 1), dtype=np.float32)}, time.time() + 5),
+        kwargs={"run_here": True},
+    )
+    first.start()
+    assert started.wait(5)
+    # the runner is busy on the first caller's thread: these queue instead of running inline
+    waiting = [
+        batcher.submit({"x": np.full((1, 1), i, dtype=np.float32)}, time.time() + 5, run_here=True)
+        for i in range(3)
+    ]
+    assert not any(f.done() for f in waiting)
+    release.set()
+    for i, future in enumerate(waiting):
+        assert future.result(5)["y"][0, 0] == 2 * i
+    first.join()
+    assert sizes == [1, 3]
+    batcher.close()
+
+
+def test_run_here_with_a_delay_or_a_backlog_does_not_jump_the_queue():
+    seen = []
+    batcher = Batcher(lambda t: seen.append(threading.current_thread()) or {"y": t["x"]},
+                      BatchPolicy(max_batch_size=4, max_delay_ms=1, max_queue=64))  # fmt: skip
+    future = batcher.submit({"x": np.ones((1, 1), dtype=np.float32)}, time.time() + 5, run_here=True)
+    future.result(5)
+    assert seen and seen[0] is not threading.current_thread()
+    batcher.close()
