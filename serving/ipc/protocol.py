@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 
 import numpy as np
 
@@ -54,32 +55,68 @@ def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
 
 
 def recv_message(sock: socket.socket) -> tuple[dict, list[bytearray]]:
-    """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame."""
-    head_len = _LEN.unpack(_recv_exact(sock, _LEN.size, first=True))[0]
+    """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame.
+
+    The first ``recv`` reads up to 64 KiB, so a small message (length, header and buffers) costs
+    one system call — and one release and re-acquisition of the GIL — instead of three. This
+    relies on the protocol's rule that a peer sends its next message only after the answer to
+    the previous one, so nothing beyond this frame can be in the socket yet.
+    """
+    scratch = _scratch()
+    got = sock.recv_into(scratch)
+    if got == 0:
+        raise ConnectionClosed("peer closed the connection")
+    got = _fill(sock, scratch, got, _LEN.size)
+    head_len = _LEN.unpack_from(scratch)[0]
     if head_len > MAX_HEADER:
         raise ConnectionError(f"IPC header of {head_len} bytes exceeds the limit")
-    header = json.loads(_recv_exact(sock, head_len))
-    buffers = []
+    end = _LEN.size + head_len
+    if end > len(scratch):
+        scratch = bytearray(scratch[:got]) + bytearray(end - got)
+    got = _fill(sock, scratch, got, end)
+    header = json.loads(bytes(memoryview(scratch)[_LEN.size : end]))
+    buffers, pos = [], end
     for size in header.pop("buffers", []):
         buf = bytearray(size)
-        _recv_into(sock, memoryview(buf))
+        take = min(size, got - pos)
+        buf[:take] = scratch[pos : pos + take]
+        pos += take
+        if take < size:
+            _recv_into(sock, memoryview(buf)[take:])
         buffers.append(buf)
+    if pos != got:
+        raise ConnectionError("bytes beyond the end of an IPC message")
     return header, buffers
 
 
-def _recv_exact(sock: socket.socket, size: int, first: bool = False) -> bytearray:
-    buf = bytearray(size)
-    _recv_into(sock, memoryview(buf), first)
+_LOCAL = threading.local()
+_SCRATCH = 64 * 1024
+
+
+def _scratch() -> bytearray:
+    """This thread's receive buffer (its contents are copied out before it is reused)."""
+    buf = getattr(_LOCAL, "scratch", None)
+    if buf is None:
+        buf = _LOCAL.scratch = bytearray(_SCRATCH)
     return buf
 
 
-def _recv_into(sock: socket.socket, view: memoryview, first: bool = False) -> None:
+def _fill(sock: socket.socket, buf: bytearray, got: int, need: int) -> int:
+    """Read into ``buf`` until it holds at least ``need`` bytes; returns how many it holds."""
+    view = memoryview(buf)
+    while got < need:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("connection closed in the middle of a message")
+        got += n
+    return got
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
     got = 0
     while got < view.nbytes:
         n = sock.recv_into(view[got:])
         if n == 0:
-            if first and got == 0:
-                raise ConnectionClosed("peer closed the connection")
             raise ConnectionError("connection closed in the middle of a message")
         got += n
 

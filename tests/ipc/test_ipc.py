@@ -113,3 +113,25 @@ def test_concurrent_callers_each_get_their_own_answer(host):
 def test_unreachable_host_is_not_ready(tmp_path):
     with pytest.raises(NotReady):
         HostClient(str(tmp_path / "nothing.sock")).call({"op": "health"}, [], time.time() + 1)
+
+
+def test_a_header_larger_than_the_first_read_is_received_whole():
+    left, right = socket.socketpair()
+    note = "x" * (200 * 1024)  # the first recv reads 64 KiB; the rest of the header follows
+    specs, buffers = encode_tensors({"a": np.arange(5, dtype=np.int64)})
+    sender = threading.Thread(target=send_message, args=(left, {"note": note, "inputs": specs}, buffers))
+    sender.start()
+    header, received = recv_message(right)
+    sender.join()
+    assert header["note"] == note
+    np.testing.assert_array_equal(decode_tensors(header["inputs"], received)["a"], np.arange(5))
+
+
+def test_back_to_back_messages_on_one_connection_stay_separate():
+    left, right = socket.socketpair()
+    for i in range(3):
+        specs, buffers = encode_tensors({"x": np.full((2, 2), i, dtype=np.float32)})
+        send_message(left, {"i": i, "inputs": specs}, buffers)
+        header, received = recv_message(right)
+        assert header["i"] == i
+        assert decode_tensors(header["inputs"], received)["x"][0, 0] == i
