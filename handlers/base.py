@@ -22,6 +22,7 @@ from serving.types import (
     RawResponse,
     Signature,
     Tensors,
+    TensorSpec,
 )
 
 
@@ -65,6 +66,20 @@ class Handler(abc.ABC):
             if inputs is None:
                 return
             self.predict(inputs)
+
+
+def batch_signature(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...] = ()) -> Signature:
+    """The batch mode the inputs' leading dimensions imply.
+
+    All inputs sharing one literal leading size: the artifact takes exactly that batch (FIXED);
+    no input with a dimension: no batch dimension (NONE); otherwise any leading size (DYNAMIC).
+    """
+    leading = {spec.shape[0] for spec in inputs if spec.shape}
+    if not leading:
+        return Signature(inputs, outputs, BatchMode.NONE)
+    if len(leading) == 1 and (size := next(iter(leading))) > 0:
+        return Signature(inputs, outputs, BatchMode.FIXED, batch_sizes=(size,), max_batch=size)
+    return Signature(inputs, outputs, BatchMode.DYNAMIC)
 
 
 def sample_inputs(signature: Signature, batch: int, rng: np.random.Generator) -> Tensors | None:

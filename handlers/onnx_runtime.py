@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from handlers.base import Handler
+from handlers.base import Handler, batch_signature
 from serving.errors import BadRequest, ConfigError, ServingError
-from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
+from serving.types import Artifact, Device, ModelConfig, Signature, Tensors, TensorSpec
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -58,12 +58,7 @@ def session_signature(session) -> Signature:
     """Inputs/outputs from the session; a fixed leading dim means FIXED batch, symbolic means DYNAMIC."""
     inputs = tuple(_spec(i) for i in session.get_inputs())
     outputs = tuple(_spec(o) for o in session.get_outputs())
-    leading = {s.shape[0] for s in inputs if s.shape}
-    if not leading:
-        return Signature(inputs, outputs, BatchMode.NONE)
-    if len(leading) == 1 and (size := next(iter(leading))) > 0:
-        return Signature(inputs, outputs, BatchMode.FIXED, batch_sizes=(size,), max_batch=size)
-    return Signature(inputs, outputs, BatchMode.DYNAMIC)
+    return batch_signature(inputs, outputs)
 
 
 class OnnxHandler(Handler):

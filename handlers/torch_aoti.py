@@ -6,10 +6,10 @@ import re
 import zipfile
 from pathlib import Path
 
-from handlers.base import Handler
+from handlers.base import Handler, batch_signature
 from handlers.torch_common import PRECISIONS, TorchRunner, check_batch, output_names, release_cuda_memory
 from serving.errors import ConfigError, ServingError
-from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
+from serving.types import Artifact, Device, ModelConfig, Signature, Tensors, TensorSpec
 
 _INPUT_NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
 _OUTPUT_NAME = re.compile(r'outputs_info_\[(\d+)\]\.name = "(\w+)";')
@@ -48,11 +48,7 @@ def read_wrapper_signature(path: Path) -> Signature:
     outputs = tuple(
         TensorSpec(n, "float32", (-1,)) for n in output_names(len(_OUTPUT_NAME.findall(text)) or 1)
     )
-    leading = {s.shape[0] for s in inputs if s.shape}
-    if leading and all(d > 0 for d in leading) and len(leading) == 1:
-        size = leading.pop()
-        return Signature(inputs, outputs, BatchMode.FIXED, batch_sizes=(size,), max_batch=size)
-    return Signature(inputs, outputs, BatchMode.DYNAMIC)
+    return batch_signature(inputs, outputs)
 
 
 class AotiHandler(Handler):

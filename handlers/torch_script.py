@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from handlers.base import Handler
+from handlers.base import Handler, batch_signature
 from handlers.torch_common import (
     TorchRunner,
     compute_dtype,
@@ -14,7 +14,7 @@ from handlers.torch_common import (
     release_cuda_memory,
     torch_device,
 )
-from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
+from serving.types import Artifact, Device, ModelConfig, Tensors, TensorSpec
 
 
 class TorchScriptHandler(Handler):
@@ -43,11 +43,7 @@ class TorchScriptHandler(Handler):
         inputs = declared or tuple(
             TensorSpec(arg.name, "float32", (-1,)) for arg in module.forward.schema.arguments[1:]
         )
-        leading = {s.shape[0] for s in inputs if s.shape}
-        if len(leading) == 1 and (size := leading.pop()) > 0:
-            signature = Signature(inputs=inputs, batch=BatchMode.FIXED, batch_sizes=(size,), max_batch=size)
-        else:
-            signature = Signature(inputs=inputs, batch=BatchMode.DYNAMIC)
+        signature = batch_signature(inputs)
         sizes = signature.batch_sizes or config.batch_sizes
         self.runner = TorchRunner(module, device, config, [s.name for s in inputs], graph_sizes=sizes)
         self.concurrent_batches = self.runner.concurrency
