@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Service, machine, measure, median_run, spread
+from benchmarks.harness import Service, add_run_options, machine, measure, median_run, spread
 from serving.ipc.client import HostClient
 from serving.ipc.directory import read_hosts_file
 
@@ -98,9 +98,7 @@ def host_stats(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Serve the MLP with batching off and on, at every concurrency, and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the median is shown)")
+    add_run_options(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (onebox.toml threads)")
     parser.add_argument("--hidden", type=int, default=4096, help="width of the two hidden layers")
     args = parser.parse_args(argv)

@@ -20,6 +20,13 @@ from serving.bench.loadgen import Verify
 REPO = Path(__file__).resolve().parents[1]
 
 
+def add_run_options(parser) -> None:
+    """The options every benchmark takes: measured seconds, warm-up and repeats per configuration."""
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the median is shown)")
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as s:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Service, machine, measure, median_run, spread
+from benchmarks.harness import Service, add_run_options, machine, measure, median_run, spread
 
 BODY = b"[[1.0, 2.0, 3.0, 4.0]]"
 LEVELS = (1, 8, 32)
@@ -63,9 +63,7 @@ def echo_answer(status: int, body: bytes) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run both servers at every concurrency and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (the median is shown)")
+    add_run_options(parser)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for both servers")
     parser.add_argument("--threads", type=int, default=32, help="gthread threads per worker for both")
     args = parser.parse_args(argv)
