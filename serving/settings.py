@@ -217,3 +217,8 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return text.lower()
 
     return parse
+
+
+def environment_with(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment plus ``extra``, for a child process (a model host)."""
+    return {**os.environ, **extra}

@@ -8,13 +8,14 @@ private run directory.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from serving.settings import environment_with
 
 log = logging.getLogger("onebox.supervisor")
 
@@ -51,7 +52,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "serving", "host", "--socket", spec.socket, "--device", spec.device]
         for name, path in self.models:
             cmd += ["--model", f"{name}={path}"]
-        spec.process = subprocess.Popen(cmd, env={**os.environ, **spec.env})
+        spec.process = subprocess.Popen(cmd, env=environment_with(spec.env))
         log.info("started model host %s (pid %d) on %s", spec.name, spec.process.pid, spec.device)
 
     def _watch(self) -> None:
