@@ -36,7 +36,12 @@ DEFAULT_MODEL = "model"
 
 
 def plan_hosts(settings: Settings, model_dir: Path | None, run_dir: Path) -> list[HostSpec]:
-    """One host per usable GPU when the model can run on CUDA, else one CPU host."""
+    """One host per usable GPU when the model can run on CUDA, else one CPU host.
+
+    ``ONEBOX_HOSTS_PER_DEVICE`` > 1 starts that many hosts per device, each with its own copy of
+    the model and its own batcher: one host process's Python caps how many requests it can take
+    in per second (benchmarks/RESULTS.md), and several can keep one GPU fed.
+    """
     artifact = _probe(settings, model_dir)
     wants_cpu = settings.device == "cpu"
     if model_dir is not None and (model_dir / "onebox.toml").is_file():
@@ -45,17 +50,14 @@ def plan_hosts(settings: Settings, model_dir: Path | None, run_dir: Path) -> lis
     if settings.device == "cuda" and not gpus:
         raise ConfigError("ONEBOX_DEVICE=cuda, but no NVIDIA GPU is visible (NVML found none)")
     if gpus and (artifact is None or "cuda" in artifact.devices):
-        return [
-            HostSpec(
-                f"cuda{gpu}",
-                "cuda:0",
-                str(run_dir / f"host-cuda{gpu}.sock"),
-                {"CUDA_VISIBLE_DEVICES": str(gpu)},
-            )
-            for gpu in gpus
-        ]
+        devices = [(f"cuda{gpu}", "cuda:0", {"CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu in gpus]
+    else:
+        devices = [("cpu", "cpu", {"CUDA_VISIBLE_DEVICES": ""} if gpus else {})]
+    count = settings.hosts_per_device
     return [
-        HostSpec("cpu", "cpu", str(run_dir / "host-cpu.sock"), {"CUDA_VISIBLE_DEVICES": ""} if gpus else {})
+        HostSpec(name, device, str(run_dir / f"host-{name}.sock"), env)
+        for base, device, env in devices
+        for name in ([base] if count == 1 else [f"{base}-{i}" for i in range(count)])
     ]
 
 

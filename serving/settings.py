@@ -47,6 +47,7 @@ class Settings:
     run_dir: Path | None = None  # private directory for the IPC sockets (default: a fresh temp dir)
     model_file: str | None = None  # choose one artifact when a model directory holds several
     device: str = "auto"  # auto | cpu | cuda
+    hosts_per_device: int = 1  # model host processes per device, each with its own copy and batcher
     cuda_visible_devices: str | None = None
     install_requirements: bool = True
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
@@ -96,6 +97,7 @@ class Settings:
             run_dir=env.get("ONEBOX_RUN_DIR", Path, None),
             model_file=env.get("ONEBOX_MODEL_FILE", str, None),
             device=env.get("ONEBOX_DEVICE", _choice("auto", "cpu", "cuda"), "auto"),
+            hosts_per_device=env.get("ONEBOX_HOSTS_PER_DEVICE", _positive_int, 1),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", str, None),
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
             model_defaults=defaults,

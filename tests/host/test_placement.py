@@ -84,3 +84,16 @@ def test_requests_go_to_the_host_with_the_fewest_calls_in_flight():
         client._outstanding = outstanding
     assert router._pick().name == "cuda1"
     assert router._pick(exclude=router.clients[1]).name == "cuda2"
+
+
+def test_several_hosts_per_gpu_each_get_their_own_socket(tmp_path, four_gpus):
+    model_dir = models.onnx_model(tmp_path / "m")
+    settings = Settings.from_env({"CUDA_VISIBLE_DEVICES": "0,2", "ONEBOX_HOSTS_PER_DEVICE": "2"})
+    specs = plan_hosts(settings, model_dir, tmp_path)
+    assert [(s.name, s.env["CUDA_VISIBLE_DEVICES"]) for s in specs] == [
+        ("cuda0-0", "0"),
+        ("cuda0-1", "0"),
+        ("cuda2-0", "2"),
+        ("cuda2-1", "2"),
+    ]
+    assert len({s.socket for s in specs}) == 4

@@ -90,3 +90,31 @@ def test_execution_parameters_for_batch_transform(server):
     assert reply.status == 200
     params = reply.json()
     assert params == {"MaxConcurrentTransforms": 1, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 6}
+
+
+def test_two_hosts_on_one_device_share_the_load_and_answer_correctly(tmp_path):
+    import time as _time
+
+    from serving.ipc.client import HostClient
+    from serving.ipc.directory import read_hosts_file
+
+    pytest.importorskip("onnxruntime")
+    model_dir = models.onnx_model(tmp_path / "onnx")
+    run_dir = tmp_path / "run"
+    env = {"ONEBOX_HOSTS_PER_DEVICE": "2", "ONEBOX_RUN_DIR": str(run_dir)}
+    with Server(model_dir, env=env, workers=2, threads=16) as srv:
+        hosts = read_hosts_file(run_dir)
+        assert [h["name"] for h in hosts] == ["cpu-0", "cpu-1"]
+        rng = np.random.default_rng(7)
+        payloads = [rng.standard_normal((1 + i % 3, 4)).astype(np.float32) for i in range(64)]
+        with ThreadPoolExecutor(32) as pool:
+            replies = list(pool.map(lambda x: srv.post_json(x.tolist()), payloads))
+        for x, reply in zip(payloads, replies, strict=True):
+            assert reply.status == 200
+            np.testing.assert_allclose(np.asarray(reply.json()), models.reference(x), rtol=1e-5, atol=1e-6)
+        served = []
+        for host in hosts:
+            client = HostClient(host["socket"])
+            served.append(client.stats(_time.time() + 5)["models"]["model"]["requests"])
+            client.close()
+        assert all(count > 0 for count in served), served

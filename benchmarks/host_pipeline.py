@@ -1,0 +1,132 @@
+"""How many image-sized requests one model host process can take in per second, without a GPU.
+
+A real model host (`Host` dispatch, registry, batcher, IPC server) serves a stand-in for a GPU
+model: it copies the batch once (the pinned staging copy) and then sleeps for the time an H100
+takes for ResNet-50 at that batch (1 ms + 0.07 ms per image, which gives ~10 ms at 128; the
+sleep releases the GIL as a CUDA synchronisation does). Client processes send one
+1x3x224x224 uint8 image per call over the real IPC, closed loop. It prints the rows/s the host
+delivered, the mean batch it formed, and the host's CPU per request — the number that caps a
+served GPU model when one host process feeds the device (benchmarks/RESULTS.md).
+
+    .venv/bin/python benchmarks/host_pipeline.py [--concurrency 64,128] [--duration 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IMAGE = (1, 3, 224, 224)
+FIXED_MS, PER_IMAGE_MS = 1.0, 0.07
+
+
+class DeviceLikeModel:
+    """A handler stand-in: one staging copy, then device time without the GIL."""
+
+    raw = False
+
+    def __init__(self):
+        from serving.types import BatchMode, Signature, TensorSpec
+
+        self.signature = Signature((TensorSpec("x", "uint8", (-1, *IMAGE[1:])),), (), BatchMode.DYNAMIC)
+
+    def predict(self, inputs):
+        x = inputs["x"]
+        np.ascontiguousarray(x).copy()
+        time.sleep((FIXED_MS + PER_IMAGE_MS * len(x)) / 1000)
+        return {"output": np.zeros((len(x), 1000), np.float32)}
+
+
+def host_main(path: str, ready, report, measure_s: float) -> None:
+    from serving.batching import Batcher, BatchPolicy
+    from serving.host.process import Host
+    from serving.host.registry import Model, State
+    from serving.ipc.server import IPCServer
+    from serving.settings import Settings
+    from serving.types import Device, ModelConfig
+
+    sys.setswitchinterval(0.0005)  # as run_host does
+    host = Host(Settings.from_env({}), Device("cpu"))
+    model = DeviceLikeModel()
+    sizes: list[int] = []
+    entry = Model(
+        "model", Path("/"), state=State.READY, handler=model, config=ModelConfig(max_batch_size=128)
+    )
+    entry.batcher = Batcher(model.predict, BatchPolicy(max_batch_size=128, max_queue=4096),
+                            observe=lambda stats: sizes.append(stats.rows))  # fmt: skip
+    host.registry._models["model"] = entry
+    server = IPCServer(path, host.dispatch)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ready.set()
+    time.sleep(1.0)  # let the clients reach a steady state
+    before, batches0, rows0 = resource.getrusage(resource.RUSAGE_SELF), len(sizes), sum(sizes)
+    time.sleep(measure_s)
+    after, batches1, rows1 = resource.getrusage(resource.RUSAGE_SELF), len(sizes), sum(sizes)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    rows = rows1 - rows0
+    report.put((rows / measure_s, rows / max(batches1 - batches0, 1), cpu / measure_s, cpu / max(rows, 1)))
+    time.sleep(3600)
+
+
+def client_main(path: str, threads: int, seconds: float) -> None:
+    from serving.ipc.client import HostClient
+
+    client = HostClient(path)
+    image = np.random.default_rng(0).integers(0, 255, IMAGE, dtype=np.uint8)
+    stop = time.time() + seconds
+
+    def loop():
+        while time.time() < stop:
+            client.infer("model", {"x": image}, time.time() + 30)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def run(concurrency: int, processes: int, duration: float) -> tuple:
+    path = tempfile.mktemp(prefix="onebox-host-", suffix=".sock")
+    ready, report = multiprocessing.Event(), multiprocessing.Queue()
+    host = multiprocessing.Process(target=host_main, args=(path, ready, report, duration - 2), daemon=True)
+    host.start()
+    ready.wait(30)
+    clients = [multiprocessing.Process(target=client_main, args=(path, concurrency // processes, duration))
+               for _ in range(processes)]  # fmt: skip
+    for client in clients:
+        client.start()
+    result = report.get(timeout=duration + 30)
+    for client in clients:
+        client.join()
+    host.terminate()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="64,128")
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--duration", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    print(f"device stand-in: {FIXED_MS} ms + {PER_IMAGE_MS} ms per image (ceiling at batch 128: "
+          f"{128 / (FIXED_MS + PER_IMAGE_MS * 128) * 1000:.0f} img/s)")  # fmt: skip
+    print("conc | rows/s  mean batch | host cores  host CPU per request")
+    for conc in (int(c) for c in args.concurrency.split(",")):
+        rows_s, batch, cores, per_request = run(conc, args.processes, args.duration)
+        print(f"{conc:4d} | {rows_s:6.0f}  {batch:10.1f} | {cores:10.2f}  {per_request * 1e6:8.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
