@@ -1,12 +1,11 @@
 """Find the devices of this machine without importing an ML framework.
 
-NVIDIA GPUs through NVML (``nvidia-ml-py``), honouring ``CUDA_VISIBLE_DEVICES``; Neuron devices
-from ``/dev/neuron*``; the CPU always.
+NVIDIA GPUs through NVML (``nvidia-ml-py``), honouring ``CUDA_VISIBLE_DEVICES``; the CPU always.
+(Neuron devices will be counted from ``/dev/neuron*`` once a Neuron handler exists.)
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 
 log = logging.getLogger(__name__)
@@ -39,11 +38,6 @@ def nvidia_gpus(visible: str | None) -> list[int]:
             log.warning("CUDA_VISIBLE_DEVICES entry %r is not an index; treating it as one GPU", part)
             chosen.append(part)  # type: ignore[arg-type]
     return chosen
-
-
-def neuron_devices() -> list[str]:
-    """The ``/dev/neuron*`` device nodes."""
-    return sorted(glob.glob("/dev/neuron[0-9]*"))
 
 
 def gpu_utilisation() -> list[dict]:
