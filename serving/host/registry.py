@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from handlers.base import Handler
 from handlers.registry import check_compatible, detect, handler_class
 from serving.batching import Batcher, BatchStats
-from serving.errors import BadRequest, Conflict, NotFound, NotReady, ServingError
+from serving.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, NotReady, ServingError
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
 from serving.host.validation import conform_inputs
 from serving.settings import Settings
@@ -246,10 +247,6 @@ def _model_deadline(model: Model, deadline: float) -> float:
 
 def wait_result(future, deadline: float):
     """The future's result, or DeadlineExceeded once ``deadline`` (``time.time()`` seconds) passes."""
-    from concurrent.futures import TimeoutError as FutureTimeout
-
-    from serving.errors import DeadlineExceeded
-
     try:
         return future.result(timeout=max(deadline - time.time(), 0.001))
     except FutureTimeout:
