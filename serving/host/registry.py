@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from handlers.base import Handler
 from handlers.registry import check_compatible, detect, handler_class
-from serving.batching import Batcher, BatchStats
+from serving.batching import Batcher
 from serving.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, NotReady, ServingError
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
 from serving.host.validation import conform_inputs
@@ -53,7 +53,6 @@ class Model:
     serial: _SerialScript | None = None
     error: str = ""
     load_seconds: float = 0.0
-    stats: list[BatchStats] = field(default_factory=list)
 
     def describe(self) -> dict:
         """What a frontend needs to call the model, and what `onebox` prints about it."""
