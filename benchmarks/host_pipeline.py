@@ -8,7 +8,11 @@ sleep releases the GIL as a CUDA synchronisation does). Client processes send on
 delivered, the mean batch it formed, and the host's CPU per request — the number that caps a
 served GPU model when one host process feeds the device (benchmarks/RESULTS.md).
 
-    .venv/bin/python benchmarks/host_pipeline.py [--concurrency 64,128] [--duration 5]
+    .venv/bin/python benchmarks/host_pipeline.py [--concurrency 64,128] [--hosts 1,2] [--duration 5]
+
+With several hosts (``ONEBOX_HOSTS_PER_DEVICE``) each host sleeps independently, as separate
+processes sharing one GPU would queue their kernels on it; the stand-in does not model that
+sharing, so rows/s with more hosts is the intake side only (the device must be measured too).
 """
 
 from __future__ import annotations
@@ -78,39 +82,50 @@ def host_main(path: str, ready, report, measure_s: float) -> None:
     time.sleep(3600)
 
 
-def client_main(path: str, threads: int, seconds: float) -> None:
+def client_main(paths: list[str], threads: int, seconds: float) -> None:
     from serving.ipc.client import HostClient
 
-    client = HostClient(path)
+    clients = [HostClient(path) for path in paths]
     image = np.random.default_rng(0).integers(0, 255, IMAGE, dtype=np.uint8)
     stop = time.time() + seconds
 
-    def loop():
+    def loop(client):
         while time.time() < stop:
             client.infer("model", {"x": image}, time.time() + 30)
 
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    # threads spread evenly over the hosts, as the frontends' least-outstanding routing does
+    workers = [threading.Thread(target=loop, args=(clients[i % len(clients)],)) for i in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
 
 
-def run(concurrency: int, processes: int, duration: float) -> tuple:
-    path = tempfile.mktemp(prefix="onebox-host-", suffix=".sock")
-    ready, report = multiprocessing.Event(), multiprocessing.Queue()
-    host = multiprocessing.Process(target=host_main, args=(path, ready, report, duration - 2), daemon=True)
-    host.start()
-    ready.wait(30)
-    clients = [multiprocessing.Process(target=client_main, args=(path, concurrency // processes, duration))
+def run(concurrency: int, processes: int, duration: float, hosts: int) -> tuple:
+    """Totals over ``hosts`` host processes: rows/s, mean batch, host cores, host CPU per request."""
+    paths = [tempfile.mktemp(prefix="onebox-host-", suffix=".sock") for _ in range(hosts)]
+    report = multiprocessing.Queue()
+    procs = []
+    for path in paths:
+        ready = multiprocessing.Event()
+        procs.append(
+            multiprocessing.Process(target=host_main, args=(path, ready, report, duration - 2), daemon=True)
+        )
+        procs[-1].start()
+        ready.wait(30)
+    clients = [multiprocessing.Process(target=client_main, args=(paths, concurrency // processes, duration))
                for _ in range(processes)]  # fmt: skip
     for client in clients:
         client.start()
-    result = report.get(timeout=duration + 30)
+    results = [report.get(timeout=duration + 30) for _ in paths]
     for client in clients:
         client.join()
-    host.terminate()
-    return result
+    for proc in procs:
+        proc.terminate()
+    rows = sum(r[0] for r in results)
+    batch = sum(r[1] for r in results) / hosts
+    cores = sum(r[2] for r in results)
+    return rows, batch, cores, cores / rows if rows else float("nan")
 
 
 def main(argv=None) -> int:
@@ -118,13 +133,17 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", default="64,128")
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--hosts", default="1,2", help="host processes feeding the one device stand-in")
     args = parser.parse_args(argv)
     print(f"device stand-in: {FIXED_MS} ms + {PER_IMAGE_MS} ms per image (ceiling at batch 128: "
           f"{128 / (FIXED_MS + PER_IMAGE_MS * 128) * 1000:.0f} img/s)")  # fmt: skip
-    print("conc | rows/s  mean batch | host cores  host CPU per request")
-    for conc in (int(c) for c in args.concurrency.split(",")):
-        rows_s, batch, cores, per_request = run(conc, args.processes, args.duration)
-        print(f"{conc:4d} | {rows_s:6.0f}  {batch:10.1f} | {cores:10.2f}  {per_request * 1e6:8.0f} us")
+    print("hosts conc | rows/s  mean batch | host cores  host CPU per request")
+    for hosts in (int(h) for h in args.hosts.split(",")):
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            rows_s, batch, cores, per_request = run(conc, args.processes, args.duration, hosts)
+            print(
+                f"{hosts:5d} {conc:4d} | {rows_s:6.0f}  {batch:10.1f} | {cores:10.2f}  {per_request * 1e6:8.0f} us"
+            )
     return 0
 
 
