@@ -45,6 +45,10 @@ class FrontendApplication(BaseApplication):
             "proc_name": "onebox-frontend",
             "limit_request_line": 8190,
         }
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn >= 25 opens a control socket in $HOME by default: one path shared by every
+            # server on the machine, and unwritable in read-only containers; onebox never uses it
+            options["control_socket_disable"] = True
         for key, value in options.items():
             self.cfg.set(key, value)
 
