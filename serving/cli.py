@@ -71,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     from serving.launcher import serve
 
     model_dir = args.model_dir if args.model_dir is not None else settings.model_dir
+    if not model_dir.is_dir():
+        raise ConfigError(f"model directory {model_dir} does not exist (give one: onebox serve MODEL_DIR)")
     return serve(settings, model_dir.resolve())
 
 

@@ -149,3 +149,10 @@ def test_bad_configuration_exits_2_with_one_line(onnx_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "SAGEMAKER_BIND_TO_PORT" in proc.stderr and "eighty" in proc.stderr
+
+
+def test_a_missing_model_directory_exits_2_with_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "serving", "serve", str(tmp_path / "nothing-here")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "nothing-here" in proc.stderr and proc.stderr.strip().count("\n") == 0
