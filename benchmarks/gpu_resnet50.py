@@ -222,7 +222,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
 
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
-           profile_dir: Path | None = None) -> dict:  # fmt: skip
+           profile_dir: Path | None = None, hosts: int = 1) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -231,7 +231,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     np.save(buf, image)
     body = buf.getvalue()
     headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-    env = {"ONEBOX_FRONTEND_THREADS": "64", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30"}
+    env = {"ONEBOX_FRONTEND_THREADS": "64", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
+           "ONEBOX_HOSTS_PER_DEVICE": str(hosts)}  # fmt: skip
     results = {}
 
     def verify(status: int, payload: bytes):
@@ -293,6 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per served point")
     parser.add_argument("--workers", type=int, default=8, help="frontend processes")
     parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
+    parser.add_argument("--hosts", type=lambda t: [int(h) for h in t.split(",")], default=[1],
+                        help="ONEBOX_HOSTS_PER_DEVICE values to serve with, e.g. 1,2,4")  # fmt: skip
     parser.add_argument(
         "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
     )
@@ -312,16 +315,22 @@ def main(argv=None) -> int:
     report = {}
     for (kind, dtype), model_dir in artifacts.items():
         off = offline(kind, model_dir, dtype, batches)
-        srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile)
         ceiling = off[max(batches)]["img_s"]
-        best = max(r["img_s"] for r in srv.values())
-        report[f"{kind}/{dtype}"] = {"offline": off, "served": srv}
-        print(
-            f"== {kind}/{dtype}: served {best:.0f} img/s = {best / ceiling:.0%} of the offline ceiling "
-            f"{ceiling:.0f} img/s (batch {max(batches)}); conc-1 latency {srv[concurrencies[0]]['p50_ms']:.2f} ms "
-            f"vs offline batch-1 {off[batches[0]]['ms']:.2f} ms (+{srv[concurrencies[0]]['p50_ms'] - off[batches[0]]['ms']:.2f} ms)",
-            flush=True,
-        )
+        for hosts in args.hosts:
+            print(f"-- {kind}/{dtype} with {hosts} model host(s) on the GPU", flush=True)
+            srv = served(
+                kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile, hosts
+            )
+            best = max(r["img_s"] for r in srv.values())
+            report[f"{kind}/{dtype}/hosts{hosts}"] = {"offline": off, "served": srv}
+            first = srv[concurrencies[0]]["p50_ms"]
+            print(
+                f"== {kind}/{dtype}, {hosts} host(s): served {best:.0f} img/s = {best / ceiling:.0%} of the "
+                f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} latency "
+                f"{first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "
+                f"(+{first - off[batches[0]]['ms']:.2f} ms)",
+                flush=True,
+            )
     (args.out / f"gpu_resnet50-{args.kinds.replace(',', '-')}.json").write_text(
         json.dumps(report, indent=1, default=str)
     )
