@@ -292,46 +292,34 @@ def _code_text(path: Path, members: dict[str, str]) -> bytes:
     )
 
 
+# Compiled TorchScript flavours, most specific first: (kind, what marks it in code/ — a module
+# folder or a regular expression on the code text —, why, package, device).
+_TORCHSCRIPT_FLAVOURS = (
+    ("torch_tensorrt_ts", None, re.compile(rb"ops\.tensorrt\.execute_engine\(|torch\.classes\.tensorrt\.Engine"),
+     "TorchScript calling tensorrt::execute_engine (Torch-TensorRT)", "torch_tensorrt", "cuda"),
+    ("torch_neuronx", "code/__torch__/torch_neuronx/", re.compile(rb"ops\.neuron\.forward_v2\("),
+     "TorchScript calling neuron::forward_v2 (torch-neuronx, Inf2/Trn)", "torch_neuronx", "neuron"),
+    ("torch_neuron", "code/__torch__/torch_neuron/", _NEURON_INF1,
+     "TorchScript calling neuron::forward_<n> (torch-neuron, Inf1)", "torch_neuron", "neuron"),
+)  # fmt: skip
+
+
 def _probe_torchscript(path: Path, model_dir: Path, members: dict[str, str]) -> Artifact:
     code = _code_text(path, members)
     namespaces = sorted({n.decode() for n in _NAMESPACE.findall(code)} - _CORE_NAMESPACES)
     details = {"custom_namespaces": namespaces, "traced": "traced_inputs.pkl" in members}
-    if b"ops.tensorrt.execute_engine(" in code or b"torch.classes.tensorrt.Engine" in code:
-        return _artifact(
-            path,
-            model_dir,
-            "torch_tensorrt_ts",
-            "torch_tensorrt_ts",
-            "TorchScript calling tensorrt::execute_engine (Torch-TensorRT)",
-            packages=("torch", "torch_tensorrt"),
-            devices=("cuda",),
-            details=details,
-        )
-    if (
-        any(m.startswith("code/__torch__/torch_neuronx/") for m in members)
-        or b"ops.neuron.forward_v2(" in code
-    ):
-        return _artifact(
-            path,
-            model_dir,
-            "torch_neuronx",
-            "torch_neuronx",
-            "TorchScript calling neuron::forward_v2 (torch-neuronx, Inf2/Trn)",
-            packages=("torch", "torch_neuronx"),
-            devices=("neuron",),
-            details=details,
-        )
-    if any(m.startswith("code/__torch__/torch_neuron/") for m in members) or _NEURON_INF1.search(code):
-        return _artifact(
-            path,
-            model_dir,
-            "torch_neuron",
-            "torch_neuron",
-            "TorchScript calling neuron::forward_<n> (torch-neuron, Inf1)",
-            packages=("torch", "torch_neuron"),
-            devices=("neuron",),
-            details=details,
-        )
+    for kind, folder, marker, reason, package, device in _TORCHSCRIPT_FLAVOURS:
+        if (folder and any(m.startswith(folder) for m in members)) or marker.search(code):
+            return _artifact(
+                path,
+                model_dir,
+                kind,
+                kind,
+                reason,
+                packages=("torch", package),
+                devices=(device,),
+                details=details,
+            )
     details["bakes_cuda_device"] = bool(re.search(rb'"cuda(:\d+)?"', code))
     reason = "zip with constants.pkl and code/ (TorchScript archive)"
     if namespaces:
