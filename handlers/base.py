@@ -39,9 +39,15 @@ class Handler(abc.ABC):
     concurrent_batches: int = 1
 
     @classmethod
-    @abc.abstractmethod
     def probe(cls, model_dir: Path) -> Artifact | None:
-        """Recognise the artifact by reading bytes or zip directories only; never import a framework."""
+        """This handler's artifact in ``model_dir``, recognised by bytes or zip members only; None if absent.
+
+        The rules live in ``handlers.probes`` (one place, in the order of spec/artifacts.md §11);
+        a handler overrides this only when its artifact is found another way (user scripts).
+        """
+        from handlers.registry import probe_for  # the registry imports handler modules lazily
+
+        return probe_for(model_dir, cls.name)
 
     @abc.abstractmethod
     def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:

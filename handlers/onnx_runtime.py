@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from handlers.base import Handler, batch_signature
@@ -65,13 +63,6 @@ class OnnxHandler(Handler):
     """An ``onnxruntime.InferenceSession`` whose accelerator provider is checked to have attached."""
 
     name = "onnx"
-
-    @classmethod
-    def probe(cls, model_dir: Path) -> Artifact | None:
-        """The ONNX / ORT model in ``model_dir``, if any."""
-        from handlers.registry import probe_for
-
-        return probe_for(model_dir, cls.name)
 
     def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
         """Create the session (by path, so external data resolves) and verify its providers."""

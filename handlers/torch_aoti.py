@@ -56,13 +56,6 @@ class AotiHandler(Handler):
 
     name = "torch_aoti"
 
-    @classmethod
-    def probe(cls, model_dir: Path) -> Artifact | None:
-        """The AOTInductor package in ``model_dir``, if any."""
-        from handlers.registry import probe_for
-
-        return probe_for(model_dir, cls.name)
-
     def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
         """Refuse a device mismatch, then load; precision and batch sizes are fixed at compile time."""
         import torch

@@ -75,13 +75,6 @@ class TorchExportHandler(Handler):
 
     name = "torch_export"
 
-    @classmethod
-    def probe(cls, model_dir: Path) -> Artifact | None:
-        """The ExportedProgram in ``model_dir``, if any."""
-        from handlers.registry import probe_for
-
-        return probe_for(model_dir, cls.name)
-
     def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
         """Load, place and cast the program; the signature comes from its JSON."""
         import torch

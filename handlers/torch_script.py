@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from handlers.base import Handler, batch_signature
 from handlers.torch_common import (
@@ -21,13 +20,6 @@ class TorchScriptHandler(Handler):
     """Loads with ``torch.jit.load``; input names come from the ``forward`` schema."""
 
     name = "torchscript"
-
-    @classmethod
-    def probe(cls, model_dir: Path) -> Artifact | None:
-        """The TorchScript archive in ``model_dir``, if any."""
-        from handlers.registry import probe_for
-
-        return probe_for(model_dir, cls.name)
 
     def load(self, artifact: Artifact, device: Device, config: ModelConfig) -> None:
         """Load onto ``device`` in ``config.precision``; dtypes/shapes from ``extra.inputs`` if declared."""
