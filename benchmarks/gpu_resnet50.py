@@ -222,7 +222,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
 
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
-           profile_dir: Path | None = None, hosts: int = 1) -> dict:  # fmt: skip
+           profile_dir: Path | None = None, hosts: int = 1, threads: int = 64) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -231,7 +231,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     np.save(buf, image)
     body = buf.getvalue()
     headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-    env = {"ONEBOX_FRONTEND_THREADS": "64", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
+    env = {"ONEBOX_FRONTEND_THREADS": str(threads), "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
            "ONEBOX_HOSTS_PER_DEVICE": str(hosts)}  # fmt: skip
     results = {}
 
@@ -242,7 +242,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         return None if out.shape == (1, 1000) else f"shape {out.shape}"
 
     started = time.perf_counter()
-    with Server(model_dir, env=env, workers=workers, threads=64, ready_timeout=600) as server:
+    with Server(model_dir, env=env, workers=workers, threads=threads, ready_timeout=600) as server:
         print(f"served {kind}/{dtype}: ready in {time.perf_counter() - started:.1f}s", flush=True)
         url = f"http://127.0.0.1:{server.port}/invocations"
         for conc in concurrencies:
@@ -293,6 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per served point")
     parser.add_argument("--workers", type=int, default=8, help="frontend processes")
+    parser.add_argument("--threads", type=int, default=64, help="threads per frontend process")
     parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
     parser.add_argument("--hosts", type=lambda t: [int(h) for h in t.split(",")], default=[1],
                         help="ONEBOX_HOSTS_PER_DEVICE values to serve with, e.g. 1,2,4")  # fmt: skip
@@ -319,7 +320,15 @@ def main(argv=None) -> int:
         for hosts in args.hosts:
             print(f"-- {kind}/{dtype} with {hosts} model host(s) on the GPU", flush=True)
             srv = served(
-                kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile, hosts
+                kind,
+                model_dir,
+                dtype,
+                concurrencies,
+                args.duration,
+                args.workers,
+                args.profile,
+                hosts,
+                args.threads,
             )
             best = max(r["img_s"] for r in srv.values())
             report[f"{kind}/{dtype}/hosts{hosts}"] = {"offline": off, "served": srv}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import zipfile
 import zlib
 
@@ -24,6 +25,14 @@ NPZ = "application/x-npz"
 MAX_NPZ_BYTES = 1 << 30
 _PICKLE_REFUSED = "pickled arrays are not accepted; send plain numeric arrays"
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
+#: the header ``np.save`` writes for a plain array (version 1.0), read without ``ast``; any other
+#: header goes through numpy's own parser
+_FAST_HEADER = re.compile(
+    rb"\x93NUMPY\x01\x00(..)\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': (False|True), "
+    rb"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n",
+    re.DOTALL,
+)
+_HEADERS: dict[tuple, bytes] = {}  # encoded .npy headers by (dtype, shape); bounded below
 
 
 def decode_npy(body: bytes, inputs: tuple[TensorSpec, ...]) -> Tensors:
@@ -49,6 +58,9 @@ def decode_npz(body: bytes, inputs: tuple[TensorSpec, ...]) -> Tensors:
 def encode_npy(outputs: Tensors) -> bytes:
     """The only output as ``.npy`` bytes."""
     name, array = one_output(outputs, NPY)
+    array = np.asanyarray(array)
+    if array.dtype.kind in "biuf" and array.flags.c_contiguous:
+        return _header(array) + array.tobytes()
     buffer = io.BytesIO()
     _write(buffer, name, array)
     return buffer.getvalue()
@@ -65,9 +77,28 @@ def encode_npz(outputs: Tensors) -> bytes:
     return buffer.getvalue()
 
 
+def _header(array: np.ndarray) -> bytes:
+    """The .npy header numpy writes for a C-ordered ``array`` (cached: outputs repeat shapes)."""
+    key = (array.dtype.str, array.shape)
+    head = _HEADERS.get(key)
+    if head is None:
+        buffer = io.BytesIO()
+        npy_format.write_array_header_1_0(buffer, npy_format.header_data_from_array_1_0(array))
+        head = buffer.getvalue()
+        if len(_HEADERS) > 256:
+            _HEADERS.clear()
+        _HEADERS[key] = head
+    return head
+
+
 def _read_npy(body: bytes) -> np.ndarray:
     if body.startswith(_PICKLE_PROTOCOL_2_PLUS):
         raise BadRequest(_PICKLE_REFUSED)
+    fast = _FAST_HEADER.match(body)
+    if fast and int.from_bytes(fast.group(1), "little") + 10 == fast.end():
+        dtype = np.dtype(fast.group(2).decode())
+        shape = tuple(int(d) for d in fast.group(4).rstrip(b",").split(b", ") if d)
+        return _view(body, dtype, shape, fast.group(3) == b"True", fast.end())
     stream = io.BytesIO(body)  # shares the bytes object's buffer; no copy
     try:
         version = npy_format.read_magic(stream)
@@ -79,8 +110,11 @@ def _read_npy(body: bytes) -> np.ndarray:
         raise BadRequest(f"malformed npy: {_first_sentence(exc)}") from None
     if dtype.hasobject:
         raise BadRequest(_PICKLE_REFUSED)
+    return _view(body, dtype, shape, fortran_order, stream.tell())
+
+
+def _view(body: bytes, dtype: np.dtype, shape: tuple, fortran_order: bool, offset: int) -> np.ndarray:
     count = math.prod(shape)
-    offset = stream.tell()
     if len(body) - offset < count * dtype.itemsize:
         raise BadRequest(
             f"malformed npy: truncated ({len(body) - offset} data bytes for shape {shape} {dtype})"

@@ -12,7 +12,14 @@ import threading
 import time
 
 from serving.errors import DeadlineExceeded, NotReady, from_status
-from serving.ipc.protocol import ConnectionClosed, decode_tensors, encode_tensors, recv_message, send_message
+from serving.ipc.protocol import (
+    ConnectionClosed,
+    decode_tensors,
+    encode_tensors,
+    recv_message,
+    send_message,
+    tune,
+)
 from serving.types import RawRequest, RawResponse, Tensors
 
 
@@ -105,7 +112,7 @@ class HostClient:
     def _connection(self) -> socket.socket:
         sock = getattr(self._local, "sock", None)
         if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = tune(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
             try:
                 sock.connect(self.socket_path)
             except OSError as exc:

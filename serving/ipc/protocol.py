@@ -57,10 +57,11 @@ def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
 def recv_message(sock: socket.socket) -> tuple[dict, list[bytearray]]:
     """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame.
 
-    The first ``recv`` reads up to 64 KiB, so a small message (length, header and buffers) costs
-    one system call — and one release and re-acquisition of the GIL — instead of three. This
-    relies on the protocol's rule that a peer sends its next message only after the answer to
-    the previous one, so nothing beyond this frame can be in the socket yet.
+    The first ``recv`` reads into this thread's scratch buffer, which grows to the largest
+    message seen (up to 1 MiB), so an image-sized message costs one system call — and one
+    release and re-acquisition of the GIL — instead of several. This relies on the protocol's
+    rule that a peer sends its next message only after the answer to the previous one, so
+    nothing beyond this frame can be in the socket yet.
     """
     scratch = _scratch()
     got = sock.recv_into(scratch)
@@ -74,15 +75,20 @@ def recv_message(sock: socket.socket) -> tuple[dict, list[bytearray]]:
     if end > len(scratch):
         scratch = bytearray(scratch[:got]) + bytearray(end - got)
     got = _fill(sock, scratch, got, end)
-    header = json.loads(bytes(memoryview(scratch)[_LEN.size : end]))
+    view = memoryview(scratch)
+    header = json.loads(bytes(view[_LEN.size : end]))
+    sizes = header.pop("buffers", [])
+    _grow_scratch(end + sum(sizes))
     buffers, pos = [], end
-    for size in header.pop("buffers", []):
-        buf = bytearray(size)
+    for size in sizes:
         take = min(size, got - pos)
-        buf[:take] = scratch[pos : pos + take]
-        pos += take
-        if take < size:
+        if take == size:
+            buf = bytearray(view[pos : pos + size])  # one copy out of the reused scratch
+        else:
+            buf = bytearray(size)
+            buf[:take] = view[pos : pos + take]
             _recv_into(sock, memoryview(buf)[take:])
+        pos += take
         buffers.append(buf)
     if pos != got:
         raise ConnectionError("bytes beyond the end of an IPC message")
@@ -91,6 +97,20 @@ def recv_message(sock: socket.socket) -> tuple[dict, list[bytearray]]:
 
 _LOCAL = threading.local()
 _SCRATCH = 64 * 1024
+_SCRATCH_MAX = 1 << 20
+#: socket buffer sizes asked for (the kernel caps them at net.core.{w,r}mem_max): an image-sized
+#: message then leaves in one ``sendmsg`` instead of trickling through the default buffer
+SOCKET_BUFFER = 1 << 20
+
+
+def tune(sock: socket.socket) -> socket.socket:
+    """Ask for large socket buffers on an IPC connection."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
+    return sock
 
 
 def _scratch() -> bytearray:
@@ -99,6 +119,12 @@ def _scratch() -> bytearray:
     if buf is None:
         buf = _LOCAL.scratch = bytearray(_SCRATCH)
     return buf
+
+
+def _grow_scratch(size: int) -> None:
+    """Let the next message of ``size`` bytes arrive in one ``recv`` (up to 1 MiB)."""
+    if len(_LOCAL.scratch) < size <= _SCRATCH_MAX:
+        _LOCAL.scratch = bytearray(size + 4096)
 
 
 def _fill(sock: socket.socket, buf: bytearray, got: int, need: int) -> int:

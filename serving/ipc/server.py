@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from serving.errors import ModelError, ServingError
-from serving.ipc.protocol import ConnectionClosed, recv_message, send_message
+from serving.ipc.protocol import ConnectionClosed, recv_message, send_message, tune
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class IPCServer:
                 if self._closed.is_set():
                     return
                 raise
-            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve_connection, args=(tune(conn),), daemon=True).start()
 
     def _serve_connection(self, conn: socket.socket) -> None:
         link = _Link(conn)
