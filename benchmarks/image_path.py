@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Service, machine  # noqa: E402
-from serving.bench.loadgen import run_load  # noqa: E402
+from benchmarks.harness import Service, machine
+from serving.bench.loadgen import run_load
 
 IMAGE = (1, 3, 224, 224)
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             for conc in (int(c) for c in args.concurrency.split(",")):
                 marks = {}
 
-                def mark(key):
+                def mark(key, marks=marks):
                     marks[key] = cpu.snapshot()
 
                 # the role CPU is read over the measured window only (warm-up excluded)
