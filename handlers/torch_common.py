@@ -183,27 +183,13 @@ class TorchRunner:
 
         host = [t.to("cpu", non_blocking=self.cuda) for t in tensors]
         if self.cuda:
-            self._wait()
+            torch.cuda.current_stream(self.device).synchronize()
         out = {}
         for name, t in zip(names, host, strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:
                 t = t.float()
             out[name] = t.numpy().copy() if self.cuda else t.numpy()
         return out
-
-    def _wait(self) -> None:
-        """Wait for the calling thread's stream, asleep: a stream synchronisation spins a core.
-
-        A blocking-sync event lets the thread sleep until the device is done, so the cores stay
-        with the frontends and the host's other threads while a batch runs.
-        """
-        import torch
-
-        event = getattr(self._local, "done", None)
-        if event is None:
-            event = self._local.done = torch.cuda.Event(blocking=True)
-        event.record(torch.cuda.current_stream(self.device))
-        event.synchronize()
 
     def _capture(self, static_in: list):
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""
