@@ -74,11 +74,9 @@ _Part = tuple[_Request, int, int]
 class Batcher:
     """Queues requests for one model and runs them through ``run`` in batches.
 
-    ``submit`` never blocks on the runner: it validates, enqueues and returns a future. At most
-    ``policy.concurrent_batches`` batches are inside ``run`` at once (one by default), on one
-    more worker thread than that: a worker leaves the runner as soon as ``run`` returns and then
-    hands the batch's rows to their requests, while another worker already forms and starts the
-    next batch — so answering 128 requests never keeps the device waiting.
+    ``submit`` never blocks on the runner: it validates, enqueues and returns a future. Batches
+    run on ``policy.concurrent_batches`` worker threads (one by default); with two, one batch's
+    host-side work (concatenating, copying, answering) overlaps the other's device compute.
     """
 
     def __init__(
@@ -109,7 +107,7 @@ class Batcher:
         self._running = 0  # batches in the runner now, on workers or on callers' threads
         self._threads = [
             threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
-            for i in range(policy.concurrent_batches + 1)
+            for i in range(policy.concurrent_batches)
         ]
         for thread in self._threads:
             thread.start()
@@ -200,10 +198,9 @@ class Batcher:
         self._execute_counted([(request, 0, request.rows)])
 
     def _execute_counted(self, parts: list[_Part]) -> None:
-        """Run a batch while counted in ``_running``, then hand out its rows outside the count."""
-        deliver = None
+        """Run a batch while counted in ``_running``; wake a worker for what queued meanwhile."""
         try:
-            deliver = self._execute(parts)
+            self._execute(parts)
         except Exception as exc:  # a bug here must not kill a worker or strand a caller
             log.exception("batcher %s failed to handle a batch", self._name)
             self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
@@ -211,14 +208,7 @@ class Batcher:
             with self._cond:
                 self._running -= 1
                 if self._queue:
-                    self._cond.notify()  # the next batch starts while this one is answered
-        if deliver is None:
-            return
-        try:
-            deliver()
-        except Exception as exc:
-            log.exception("batcher %s failed to deliver a batch", self._name)
-            self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
+                    self._cond.notify()
 
     def _next_batch(self) -> list[_Part] | None:
         """Wait (holding the lock) for the next batch; None once closed and empty."""
@@ -311,8 +301,8 @@ class Batcher:
         if request.taken < request.rows:
             self._consume(request, request.rows - request.taken)
 
-    def _execute(self, parts: list[_Part]) -> Callable[[], None] | None:
-        """Run one batch; returns what hands every request its rows (None: already settled)."""
+    def _execute(self, parts: list[_Part]) -> None:
+        """Run one batch and hand every request its rows, or the batch's error."""
         start = self._clock()
         queue_times = tuple(start - request.submitted for request, _, _ in parts)
         rows = sum(stop - first for _, first, stop in parts)
@@ -340,12 +330,10 @@ class Batcher:
         self._report(BatchStats(rows, size - rows, len(parts), queue_times, compute))
         if error is not None:
             self._fail(parts, error)
-            return None
+            return
         if passthrough or (len(parts) == 1 and size == rows):
-            return lambda: self._deliver(first_request, first, stop, outputs)
-        return lambda: self._distribute(parts, outputs)
-
-    def _distribute(self, parts: list[_Part], outputs: Tensors) -> None:
+            self._deliver(first_request, first, stop, outputs)
+            return
         offset = 0
         for request, a, b in parts:
             whole = b - a == request.rows
