@@ -100,9 +100,11 @@ class TorchRunner:
         self.cast_inputs = cast_inputs
         self.input_names = list(input_names)
         self.cuda = self.device.type == "cuda"
-        # intra-op threads: what onebox.toml asks for; on a GPU host only a few, because idle
-        # OpenMP workers spin and would take cores from the frontends feeding the device
-        threads = config.threads or (2 if self.cuda else None)
+        # intra-op threads: what onebox.toml asks for; on a GPU host one, because the host's
+        # torch work there is copies and an idle OpenMP worker spins: with 2 threads the H100
+        # host burned 1.8 cores at concurrency 1, with 1 thread 0.8, at the same img/s
+        # (benchmarks/RESULTS.md)
+        threads = config.threads or (1 if self.cuda else None)
         if threads:
             torch.set_num_threads(threads)
         self.graph_sizes = set(graph_sizes) if (config.cuda_graphs and self.cuda) else set()
