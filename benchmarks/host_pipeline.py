@@ -69,7 +69,7 @@ def host_main(path: str, ready, report, measure_s: float) -> None:
     entry.batcher = Batcher(model.predict, BatchPolicy(max_batch_size=128, max_queue=4096),
                             observe=lambda stats: sizes.append(stats.rows))  # fmt: skip
     host.registry._models["model"] = entry
-    server = IPCServer(path, host.dispatch)
+    server = IPCServer(path, host.dispatch, host.dispatch_nowait)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ready.set()
     time.sleep(1.0)  # let the clients reach a steady state

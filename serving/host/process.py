@@ -87,6 +87,22 @@ class Host:
             return {}, []
         raise BadRequest(f"unknown IPC operation {op!r}")
 
+    def dispatch_nowait(self, header: dict, buffers: list) -> Pending | None:
+        """A model call queued without waiting (the I/O thread's path); None for anything else.
+
+        Also None when the model's own ``timeout_s`` is shorter than the request's deadline:
+        the host must answer 504 on time then, which takes a thread waiting on the result.
+        """
+        if header.get("op") != "infer":
+            return None
+        name = header["model"]
+        deadline = float(header.get("deadline", time.time() + self.settings.timeout_s))
+        if self.registry.model_deadline(name, deadline) < deadline:
+            return None
+        inputs = decode_tensors(header["inputs"], buffers)
+        future, _ = self.registry.submit(name, inputs, deadline, inline=False)
+        return Pending(future, _outputs_reply)
+
     def load_at_start(self, name: str, path: Path) -> None:
         """Load the single model; on failure log why and keep running (``/ping`` stays 503)."""
         try:
@@ -117,11 +133,11 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s [host] %(name)s: %(message)s"
     )
-    # many connection threads wait on sockets and futures: hand the GIL over sooner than the
+    # the I/O thread, batcher threads and workers share the GIL: hand it over sooner than the
     # default 5 ms so a woken thread does not queue behind a busy one (batch formation, copies)
     sys.setswitchinterval(0.0005)
     host = Host(settings, Device.parse(device))
-    server = IPCServer(socket_path, host.dispatch)
+    server = IPCServer(socket_path, host.dispatch, host.dispatch_nowait)
     stop = threading.Event()
 
     def on_term(signum, frame):  # the launcher stops hosts after the frontends have drained

@@ -175,8 +175,14 @@ class ModelRegistry:
         future, capped = self.submit(name, inputs, deadline)
         return wait_result(future, capped)
 
-    def submit(self, name: str, inputs: Tensors, deadline: float) -> tuple[Future, float]:
-        """Queue decoded inputs for ``name``; the future of its outputs and the deadline that applies."""
+    def submit(
+        self, name: str, inputs: Tensors, deadline: float, *, inline: bool = True
+    ) -> tuple[Future, float]:
+        """Queue decoded inputs for ``name``; the future of its outputs and the deadline that applies.
+
+        With ``inline`` an idle model may run the batch on the calling thread (the future is
+        then done on return); without, the call never waits for the model.
+        """
         model = self.get(name)
         if model.handler.raw:
             raise BadRequest(f"model {name!r} takes raw request bodies")
@@ -184,7 +190,12 @@ class ModelRegistry:
         capped = _model_deadline(model, deadline)
         # run on this thread only where the frontend's own deadline covers a slow call; a model
         # timeout shorter than the request's must be enforced here, by waiting on the future
-        return model.batcher.submit(inputs, capped, run_here=capped >= deadline), capped
+        here = inline and capped >= deadline
+        return model.batcher.submit(inputs, capped, run_here=here), capped
+
+    def model_deadline(self, name: str, deadline: float) -> float:
+        """``deadline`` shortened to the model's own ``timeout_s``."""
+        return _model_deadline(self.get(name), deadline)
 
     def invoke(self, name: str, request: RawRequest, deadline: float) -> RawResponse:
         """Run a raw request through a user script (through the batcher when it opted in)."""
