@@ -52,14 +52,9 @@ class Host:
     def dispatch(self, header: dict, buffers: list) -> tuple[dict, list] | Pending:
         """Answer one IPC message (a model call is answered by the batcher thread, see Pending)."""
         op = header.get("op")
-        deadline = float(header.get("deadline", time.time() + self.settings.timeout_s))
+        deadline = self._deadline(header)
         if op == "infer":
-            inputs = decode_tensors(header["inputs"], buffers)
-            future, capped = self.registry.submit(header["model"], inputs, deadline)
-            if capped < deadline:  # the model's own timeout_s is shorter: the host must answer 504
-                return _outputs_reply(wait_result(future, capped))
-            # the frontend's socket timeout turns a late answer into 504 at the same deadline
-            return Pending(future, _outputs_reply)
+            return self._infer(header, buffers, deadline, inline=True)
         if op == "invoke":
             request = RawRequest(
                 bytes(buffers[0]) if buffers else b"",
@@ -95,13 +90,21 @@ class Host:
         """
         if header.get("op") != "infer":
             return None
-        name = header["model"]
-        deadline = float(header.get("deadline", time.time() + self.settings.timeout_s))
-        if self.registry.model_deadline(name, deadline) < deadline:
+        deadline = self._deadline(header)
+        if self.registry.model_deadline(header["model"], deadline) < deadline:
             return None
+        return self._infer(header, buffers, deadline, inline=False)
+
+    def _infer(self, header: dict, buffers: list, deadline: float, inline: bool):
         inputs = decode_tensors(header["inputs"], buffers)
-        future, _ = self.registry.submit(name, inputs, deadline, inline=False)
+        future, capped = self.registry.submit(header["model"], inputs, deadline, inline=inline)
+        if capped < deadline:  # the model's own timeout_s is shorter: the host must answer 504
+            return _outputs_reply(wait_result(future, capped))
+        # the frontend's socket timeout turns a late answer into 504 at the same deadline
         return Pending(future, _outputs_reply)
+
+    def _deadline(self, header: dict) -> float:
+        return float(header.get("deadline", time.time() + self.settings.timeout_s))
 
     def load_at_start(self, name: str, path: Path) -> None:
         """Load the single model; on failure log why and keep running (``/ping`` stays 503)."""

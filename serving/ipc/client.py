@@ -78,7 +78,7 @@ class HostClient:
         return self.call({"op": "unload", "model": model}, [], deadline)[0]
 
     # -- transport -----------------------------------------------------------------------
-    def call(self, header: dict, buffers: list, deadline: float) -> tuple[dict, list[bytearray]]:
+    def call(self, header: dict, buffers: list, deadline: float) -> tuple[dict, list]:
         """Send one message and wait for its answer until ``deadline`` (``time.time()`` seconds)."""
         remaining = deadline - time.time()
         if remaining <= 0:

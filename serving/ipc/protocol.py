@@ -54,53 +54,129 @@ def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
         sent = 0
 
 
-def recv_message(sock: socket.socket) -> tuple[dict, list[bytearray]]:
+def recv_message(sock: socket.socket) -> tuple[dict, list]:
     """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame.
 
-    The first ``recv`` reads into this thread's scratch buffer, which grows to the largest
-    message seen (up to 1 MiB), so an image-sized message costs one system call — and one
-    release and re-acquisition of the GIL — instead of several. This relies on the protocol's
-    rule that a peer sends its next message only after the answer to the previous one, so
-    nothing beyond this frame can be in the socket yet.
+    Reads through this thread's :class:`FrameReader`, whose buffer grows to the messages seen
+    (up to 1 MiB), so an image-sized message costs one system call — and one release and
+    re-acquisition of the GIL — instead of several.
     """
-    scratch = _scratch()
-    got = sock.recv_into(scratch)
-    if got == 0:
-        raise ConnectionClosed("peer closed the connection")
-    got = _fill(sock, scratch, got, _LEN.size)
-    head_len = _LEN.unpack_from(scratch)[0]
-    if head_len > MAX_HEADER:
-        raise ConnectionError(f"IPC header of {head_len} bytes exceeds the limit")
-    end = _LEN.size + head_len
-    if end > len(scratch):
-        scratch = bytearray(scratch[:got]) + bytearray(end - got)
-    got = _fill(sock, scratch, got, end)
-    view = memoryview(scratch)
-    header = json.loads(bytes(view[_LEN.size : end]))
-    sizes = header.pop("buffers", [])
-    _grow_scratch(end + sum(sizes))
-    buffers, pos = [], end
-    for size in sizes:
-        take = min(size, got - pos)
-        if take == size:
-            buf = bytearray(view[pos : pos + size])  # one copy out of the reused scratch
-        else:
-            buf = bytearray(size)
-            buf[:take] = view[pos : pos + take]
-            _recv_into(sock, memoryview(buf)[take:])
-        pos += take
-        buffers.append(buf)
-    if pos != got:
-        raise ConnectionError("bytes beyond the end of an IPC message")
-    return header, buffers
+    reader = getattr(_LOCAL, "reader", None)
+    if reader is None:
+        reader = _LOCAL.reader = FrameReader()
+    try:
+        while (message := reader.receive(sock)) is None:
+            pass
+        return message
+    except BaseException:
+        reader.reset()  # a timed-out or broken read must not leave half a frame behind
+        raise
 
 
 _LOCAL = threading.local()
-_SCRATCH = 64 * 1024
-_SCRATCH_MAX = 1 << 20
+_FIRST_READ = 64 * 1024
+_KEEP_MAX = 1 << 20  # a reader keeps a buffer up to this size between messages
 #: socket buffer sizes asked for (the kernel caps them at net.core.{w,r}mem_max): an image-sized
 #: message then leaves in one ``sendmsg`` instead of trickling through the default buffer
 SOCKET_BUFFER = 1 << 20
+
+
+class FrameReader:
+    """Assembles frames from whatever each ``recv`` returns, for blocking and epoll readers.
+
+    Receive into :meth:`space`, then pass the byte count to :meth:`advance`, which returns
+    ``(header, buffers)`` once the frame is whole. This relies on the protocol's rule that a
+    peer sends its next message only after the answer to the previous one: bytes beyond the
+    frame are an error. The buffer is reused, so a message's buffers are copied out of it (one
+    copy) — unless it had to grow past 1 MiB, in which case they are views of it and the reader
+    starts afresh.
+    """
+
+    __slots__ = ("_buf", "_got", "_header", "_sizes", "_end", "_total")
+
+    def __init__(self):
+        self._buf = bytearray(_FIRST_READ)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget a partly read frame."""
+        self._got = 0
+        self._header: dict | None = None
+        self._sizes: list[int] = []
+        self._end = self._total = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of a frame has arrived yet."""
+        return self._got == 0
+
+    def space(self) -> memoryview:
+        """Where the next ``recv_into`` writes."""
+        return memoryview(self._buf)[self._got :]
+
+    def receive(self, sock: socket.socket) -> tuple[dict, list] | None:
+        """One ``recv`` from ``sock``; the message once it is complete.
+
+        Raises ``ConnectionClosed`` when the peer closed between frames, ``ConnectionError``
+        when it closed inside one or broke the framing.
+        """
+        n = sock.recv_into(self.space())
+        if n == 0:
+            if self.idle:
+                raise ConnectionClosed("peer closed the connection")
+            raise ConnectionError("connection closed in the middle of a message")
+        return self.advance(n)
+
+    def advance(self, n: int) -> tuple[dict, list] | None:
+        """Account for ``n`` received bytes; the message once it is complete."""
+        self._got += n
+        if self._header is None:
+            if self._got < _LEN.size:
+                return None
+            head_len = _LEN.unpack_from(self._buf)[0]
+            if head_len > MAX_HEADER:
+                raise ConnectionError(f"IPC header of {head_len} bytes exceeds the limit")
+            self._end = _LEN.size + head_len
+            if self._got < self._end:
+                self._room(self._end)
+                return None
+            self._header, self._sizes = _parse_header(memoryview(self._buf)[_LEN.size : self._end])
+            self._total = self._end + sum(self._sizes)
+            self._room(self._total)
+        if self._got < self._total:
+            return None
+        if self._got > self._total:
+            raise ConnectionError("bytes beyond the end of an IPC message")
+        view, pos = memoryview(self._buf), self._end
+        keep = len(self._buf) <= _KEEP_MAX
+        buffers = []
+        for size in self._sizes:
+            part = view[pos : pos + size]
+            buffers.append(bytearray(part) if keep else part)
+            pos += size
+        header = self._header
+        self.reset()
+        if not keep:
+            self._buf = bytearray(_FIRST_READ)
+        return header, buffers
+
+    def _room(self, size: int) -> None:
+        if len(self._buf) < size:
+            grown = bytearray(size)
+            grown[: self._got] = memoryview(self._buf)[: self._got]
+            self._buf = grown
+
+
+def _parse_header(raw: memoryview) -> tuple[dict, list[int]]:
+    """The JSON header and its buffer sizes; a malformed one breaks only its connection."""
+    try:
+        header = json.loads(bytes(raw))
+    except ValueError as exc:
+        raise ConnectionError(f"malformed IPC header: {exc}") from None
+    sizes = header.pop("buffers", []) if isinstance(header, dict) else None
+    if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
+        raise ConnectionError("malformed IPC header: not an object with a list of buffer sizes")
+    return header, sizes
 
 
 def tune(sock: socket.socket) -> socket.socket:
@@ -111,40 +187,6 @@ def tune(sock: socket.socket) -> socket.socket:
         except OSError:
             pass
     return sock
-
-
-def _scratch() -> bytearray:
-    """This thread's receive buffer (its contents are copied out before it is reused)."""
-    buf = getattr(_LOCAL, "scratch", None)
-    if buf is None:
-        buf = _LOCAL.scratch = bytearray(_SCRATCH)
-    return buf
-
-
-def _grow_scratch(size: int) -> None:
-    """Let the next message of ``size`` bytes arrive in one ``recv`` (up to 1 MiB)."""
-    if len(_LOCAL.scratch) < size <= _SCRATCH_MAX:
-        _LOCAL.scratch = bytearray(size + 4096)
-
-
-def _fill(sock: socket.socket, buf: bytearray, got: int, need: int) -> int:
-    """Read into ``buf`` until it holds at least ``need`` bytes; returns how many it holds."""
-    view = memoryview(buf)
-    while got < need:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("connection closed in the middle of a message")
-        got += n
-    return got
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < view.nbytes:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("connection closed in the middle of a message")
-        got += n
 
 
 def encode_tensors(tensors: Tensors) -> tuple[list[dict], list[np.ndarray]]:
@@ -160,7 +202,7 @@ def encode_tensors(tensors: Tensors) -> tuple[list[dict], list[np.ndarray]]:
     return specs, buffers
 
 
-def decode_tensors(specs: list[dict], buffers: list[bytearray]) -> Tensors:
+def decode_tensors(specs: list[dict], buffers: list) -> Tensors:
     """Named arrays viewing the received buffers (no copy)."""
     if len(specs) != len(buffers):
         raise ConnectionError("tensor specs and buffers do not match")

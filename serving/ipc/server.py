@@ -15,7 +15,6 @@ replies being sent; the H100 served 2.3-2.8k img/s with the GPU 20% busy and the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import selectors
@@ -24,8 +23,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from serving.errors import ModelError, ServingError
-from serving.ipc.protocol import _LEN, MAX_HEADER, send_message, tune
+from serving.errors import ModelError, NotReady, ServingError
+from serving.ipc.protocol import ConnectionClosed, FrameReader, send_message, tune
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,6 @@ NoWait = Callable[[dict, list], "Pending | None"]
 
 #: how long a reply may wait for room in a frontend's socket before the connection is dropped
 SEND_TIMEOUT_S = 60.0
-_FIRST_READ = 64 * 1024
-_MAX_BUFFER = 1 << 20  # a connection keeps a receive buffer up to this size between messages
 
 
 def error_reply(err: ServingError) -> dict:
@@ -81,14 +78,15 @@ class IPCServer:
             while not self._closed.is_set():
                 for key, _ in selector.select():
                     if key.data is not None:
-                        self._on_readable(selector, key.data)
+                        self._on_readable(selector, *key.data)
                     elif key.fileobj is self._sock:
                         self._accept(selector)
         finally:
             for key in list(selector.get_map().values()):
                 if key.data is not None:
-                    key.data.close()
+                    key.data[0].close()
             selector.close()
+            self._wake_r.close()
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
         try:
@@ -102,19 +100,19 @@ class IPCServer:
         # timeout mode: reads happen only when epoll says so; sends from other threads wait
         # for room in the socket, up to SEND_TIMEOUT_S
         conn.settimeout(SEND_TIMEOUT_S)
-        selector.register(tune(conn), selectors.EVENT_READ, _Connection(conn))
+        selector.register(tune(conn), selectors.EVENT_READ, (_Link(conn), FrameReader()))
 
-    def _on_readable(self, selector: selectors.BaseSelector, connection: _Connection) -> None:
+    def _on_readable(self, selector: selectors.BaseSelector, link: _Link, reader: FrameReader) -> None:
         try:
-            message = connection.read()
-        except (ConnectionError, OSError, ValueError) as exc:
-            if not isinstance(exc, _Closed):
+            message = reader.receive(link.sock)
+        except (ConnectionError, OSError) as exc:
+            if not isinstance(exc, ConnectionClosed):
                 log.debug("dropping IPC connection: %s", exc)
-            selector.unregister(connection.link.sock)
-            connection.close()
+            selector.unregister(link.sock)
+            link.close()
             return
         if message is not None:
-            self._answer(connection.link, *message)
+            self._answer(link, *message)
 
     def _answer(self, link: _Link, header: dict, buffers: list) -> None:
         op = header.get("op")
@@ -128,7 +126,10 @@ class IPCServer:
                 link.send_when_done(pending, op)
                 return
         link.hold()
-        self._pool.submit(self._answer_blocking, link, header, buffers)
+        try:
+            self._pool.submit(self._answer_blocking, link, header, buffers)
+        except RuntimeError:  # closing: the worker pool takes no more work
+            link.deliver(_failure(NotReady("the model host is shutting down"), op))
 
     def _answer_blocking(self, link: _Link, header: dict, buffers: list) -> None:
         op = header.get("op")
@@ -150,69 +151,9 @@ class IPCServer:
             self._wake_w.send(b"x")
         except OSError:
             pass
+        self._wake_w.close()
         self._sock.close()
         self._pool.shutdown(wait=False)
-
-
-class _Closed(ConnectionError):
-    """The frontend closed its connection between messages."""
-
-
-class _Connection:
-    """Assembles one connection's frames from whatever each ``recv`` returns."""
-
-    __slots__ = ("link", "buf", "got", "header", "end", "total")
-
-    def __init__(self, sock: socket.socket):
-        self.link = _Link(sock)
-        self.buf = bytearray(_FIRST_READ)
-        self.got = 0
-        self.header: dict | None = None
-        self.end = self.total = 0
-
-    def read(self) -> tuple[dict, list[bytearray]] | None:
-        """One ``recv``; the message once it is complete, else None."""
-        n = self.link.sock.recv_into(memoryview(self.buf)[self.got :])
-        if n == 0:
-            if self.got:
-                raise ConnectionError("connection closed in the middle of a message")
-            raise _Closed("peer closed the connection")
-        self.got += n
-        if self.header is None:
-            if self.got < _LEN.size:
-                return None
-            head_len = _LEN.unpack_from(self.buf)[0]
-            if head_len > MAX_HEADER:
-                raise ConnectionError(f"IPC header of {head_len} bytes exceeds the limit")
-            self.end = _LEN.size + head_len
-            if self.got < self.end:
-                self._room(self.end)
-                return None
-            self.header = json.loads(bytes(memoryview(self.buf)[_LEN.size : self.end]))
-            self.total = self.end + sum(self.header.get("buffers", []))
-            self._room(self.total)
-        if self.got < self.total:
-            return None
-        if self.got > self.total:
-            raise ConnectionError("bytes beyond the end of an IPC message")
-        header, view, pos = self.header, memoryview(self.buf), self.end
-        buffers = []
-        for size in header.pop("buffers", []):
-            buffers.append(bytearray(view[pos : pos + size]))  # one copy out of the reused buffer
-            pos += size
-        self.header, self.got = None, 0
-        if len(self.buf) > _MAX_BUFFER:
-            self.buf = bytearray(_FIRST_READ)
-        return header, buffers
-
-    def _room(self, size: int) -> None:
-        if len(self.buf) < size:
-            grown = bytearray(size)
-            grown[: self.got] = memoryview(self.buf)[: self.got]
-            self.buf = grown
-
-    def close(self) -> None:
-        self.link.close()
 
 
 class Pending:

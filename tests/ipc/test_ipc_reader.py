@@ -156,3 +156,23 @@ def test_many_connections_each_get_their_own_answer(served):
     for thread in threads:
         thread.join(60)
     assert not errors
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[1, 2]",  # not an object
+        b'{"op": "infer", "buffers": [-5]}',  # a negative size
+        b'{"op": "infer", "buffers": "12"}',  # sizes not a list
+        b"\xff\xfe not json",
+    ],
+)
+def test_a_malformed_header_drops_only_its_connection(served, raw):
+    path, _ = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendall(struct.pack("!I", len(raw)) + raw)
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # the host closed it without answering
+    out = HostClient(path).infer("m", {"x": np.array([5])}, time.time() + 10)
+    np.testing.assert_array_equal(out["y"], [10])
