@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import server_roles  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
 from tests.support.server import Server  # noqa: E402
@@ -132,17 +133,6 @@ def offline(kind: str, model_dir: Path, dtype: str, batches: list[int]) -> dict[
     del fn
     torch.cuda.empty_cache()
     return results
-
-
-def server_roles(pid: int) -> dict[str, list]:
-    """The server's processes by role: the model host and the frontends (master and workers)."""
-    import psutil
-
-    roles: dict[str, list] = {"host": [], "frontend": []}
-    for proc in psutil.Process(pid).children(recursive=True):
-        cmd = " ".join(proc.cmdline())
-        roles["host" if " host " in f"{cmd} " else "frontend"].append(proc)
-    return roles
 
 
 class GpuSampler:

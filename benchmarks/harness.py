@@ -1,4 +1,4 @@
-"""What both benchmarks share: start a server process, wait for ``/ping``, measure, print tables."""
+"""What the benchmarks share: start a server process, wait for ``/ping``, measure, print tables."""
 
 from __future__ import annotations
 
@@ -123,3 +123,14 @@ def machine() -> str:
     return (
         f"{os.cpu_count()} CPUs, {model}, {mem_kb / 1024 / 1024:.1f} GiB RAM, load {os.getloadavg()[0]:.2f}"
     )
+
+
+def server_roles(pid: int) -> dict[str, list]:
+    """The server's processes by role: the model host and the frontends (master and workers)."""
+    import psutil
+
+    roles: dict[str, list] = {"host": [], "frontend": []}
+    for proc in psutil.Process(pid).children(recursive=True):
+        cmd = " ".join(proc.cmdline())
+        roles["host" if " host " in f"{cmd} " else "frontend"].append(proc)
+    return roles

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Service, machine
+from benchmarks.harness import Service, machine, server_roles
 from serving.bench.loadgen import run_load
 
 IMAGE = (1, 3, 224, 224)
@@ -45,21 +45,13 @@ def build_model(directory: Path) -> Path:
 
 
 class RoleCpu:
-    """CPU seconds used by the server's host and frontend processes between start and stop."""
+    """CPU seconds used so far by the server's host and frontend processes."""
 
     def __init__(self, server_pid: int):
-        import psutil
-
-        self.roles: dict[str, list] = {"host": [], "frontend": []}
-        for proc in psutil.Process(server_pid).children(recursive=True):
-            cmd = " ".join(proc.cmdline())
-            self.roles["host" if " host " in f"{cmd} " else "frontend"].append(proc)
+        self.roles = server_roles(server_pid)
 
     def snapshot(self) -> dict[str, float]:
-        totals = {}
-        for role, procs in self.roles.items():
-            totals[role] = sum(sum(p.cpu_times()[:2]) for p in procs)
-        return totals
+        return {role: sum(sum(p.cpu_times()[:2]) for p in procs) for role, procs in self.roles.items()}
 
 
 def main(argv=None) -> int:
