@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from serving.codecs import decode, encode
+from serving.codecs.npy_codec import _read_npy
 from serving.errors import BadRequest, NotAcceptable
 from serving.types import TensorSpec
 
@@ -135,3 +136,38 @@ def test_npz_that_expands_beyond_the_limit_answers_400(monkeypatch):
     np.savez_compressed(buffer, x=np.zeros(10_000))
     with pytest.raises(BadRequest, match="expands beyond"):
         decode(buffer.getvalue(), NPZ)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(6, dtype="<f4").reshape(2, 3),
+        np.arange(5, dtype=np.int64),  # shape "(5,)"
+        np.array(2.5, dtype=np.float64),  # shape "()"
+        np.ones((2, 3), np.float16, order="F"),
+        np.zeros((0, 4), bool),
+        np.arange(6, dtype=">i4").reshape(3, 2),
+    ],
+    ids=["2d", "1d", "scalar", "fortran", "empty-bool", "big-endian"],
+)
+def test_npy_headers_read_alike_with_and_without_numpys_parser(array):
+    body = _npy(array)
+    d = np.lib.format.header_data_from_array_1_0(array)
+    # the same array with the header's keys in another order: only numpy's parser takes that
+    reordered = (
+        f"{{'shape': {d['shape']!r}, 'fortran_order': {d['fortran_order']}, 'descr': {d['descr']!r}, }}"
+    )
+    for sent in (body, _rebuild(body, reordered)):
+        got = _read_npy(sent)
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+    if array.flags.c_contiguous:  # the cached output header is the one numpy writes
+        assert encode({"y": array}, NPY) == body
+
+
+def _rebuild(body: bytes, header: str) -> bytes:
+    """``body`` with its .npy header replaced (padded to 64 bytes as numpy does)."""
+    head_len = int.from_bytes(body[8:10], "little")
+    raw = header.encode()
+    raw += b" " * (-(10 + len(raw) + 1) % 64) + b"\n"
+    return body[:8] + len(raw).to_bytes(2, "little") + raw + body[10 + head_len :]
