@@ -38,6 +38,16 @@ from serving.host.devices import gpu_utilisation  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 MAX_BATCH = 128
+# the batch sizes a server with CUDA graphs captures and pads up to (--graphs on)
+GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+def config_toml(dtype: str, graphs: bool) -> str:
+    """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs."""
+    text = f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\n'
+    if graphs:
+        text += f"cuda_graphs = true\nbatch_sizes = {list(GRAPH_SIZES)}\n"
+    return text + f'[[inputs]]\nname = "x"\ndtype = "{dtype}"\nshape = [-1, 3, 224, 224]\n'
 
 
 def build_module(torch, torchvision):
@@ -80,10 +90,7 @@ def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
                     torch._inductor.aoti_compile_and_package(
                         program, package_path=str(model_dir / "model.pt2")
                     )
-            (model_dir / "onebox.toml").write_text(
-                f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\n'
-                f'[[inputs]]\nname = "x"\ndtype = "{dtype}"\nshape = [-1, 3, 224, 224]\n'
-            )
+            (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs=False))
             print(f"built {kind}/{dtype} in {time.perf_counter() - started:.1f}s", flush=True)
             out[(kind, dtype)] = model_dir
     return out
@@ -97,12 +104,42 @@ def load_offline(kind: str, model_dir: Path):
     return torch._inductor.aoti_load_package(str(model_dir / "model.pt2"))
 
 
-def offline(kind: str, model_dir: Path, dtype: str, batches: list[int]) -> dict[int, dict]:
-    """Images/s and per-batch latency of the artifact itself, inputs already on the device."""
+def graphed(fn, example):
+    """``fn`` captured as one CUDA graph for ``example``'s shape; calls copy in, replay, and return."""
     import torch
 
-    fn = load_offline(kind, model_dir)
+    static_in = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def replay(x):
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def offline(
+    kind: str, model_dir: Path, dtype: str, batches: list[int], graphs: bool = False
+) -> dict[int, dict]:
+    """Images/s and per-batch latency of the artifact itself, inputs already on the device.
+
+    With ``graphs`` each batch size runs as a captured CUDA graph, as the server runs it with
+    ``cuda_graphs = true`` (the input is copied into the graph's buffer, as there).
+    """
+    import torch
+
+    model = load_offline(kind, model_dir)
     results = {}
+    label = f"{kind}+graphs" if graphs else kind
     with torch.inference_mode():
         for batch in batches:
             inputs = [
@@ -111,6 +148,7 @@ def offline(kind: str, model_dir: Path, dtype: str, batches: list[int]) -> dict[
             ]
             if dtype == "float16":
                 inputs = [x.half() for x in inputs]
+            fn = graphed(model, inputs[0]) if graphs else model
             for i in range(10):
                 fn(inputs[i % 4])
             torch.cuda.synchronize()
@@ -127,10 +165,11 @@ def offline(kind: str, model_dir: Path, dtype: str, batches: list[int]) -> dict[
             ms = statistics.median(times)
             results[batch] = {"ms": ms, "img_s": batch * 1000.0 / ms}
             print(
-                f"offline {kind:11s} {dtype:7s} batch {batch:3d}: {ms:7.2f} ms  {batch * 1000.0 / ms:9.0f} img/s",
+                f"offline {label:18s} {dtype:7s} batch {batch:3d}: {ms:7.2f} ms  {batch * 1000.0 / ms:9.0f} img/s",
                 flush=True,
             )
-    del fn
+            del fn
+    del model
     torch.cuda.empty_cache()
     return results
 
@@ -212,8 +251,10 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
 
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
-           profile_dir: Path | None = None, hosts: int = 1, threads: int = 64) -> dict:  # fmt: skip
+           profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
+    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs))
+    label = f"{kind}+graphs" if graphs else kind
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
         image = image.astype(np.float16)
@@ -233,7 +274,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
 
     started = time.perf_counter()
     with Server(model_dir, env=env, workers=workers, threads=threads, ready_timeout=600) as server:
-        print(f"served {kind}/{dtype}: ready in {time.perf_counter() - started:.1f}s", flush=True)
+        print(f"served {label}/{dtype}: ready in {time.perf_counter() - started:.1f}s", flush=True)
         url = f"http://127.0.0.1:{server.port}/invocations"
         for conc in concurrencies:
             processes = 1 if conc == 1 else min(6, max(2, conc // 32))
@@ -243,7 +284,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for role, proc in targets.items():
-                    spy = profile(proc.pid, duration, profile_dir / f"profile-{kind}-{dtype}-{role}.txt")
+                    spy = profile(proc.pid, duration, profile_dir / f"profile-{label}-{dtype}-{role}.txt")
                     if spy:
                         spies.append(spy)
             with GpuSampler(server.proc.pid) as gpu:
@@ -264,7 +305,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             for spy in spies:
                 spy.wait(60)
             print(
-                f"served  {kind:11s} {dtype:7s} conc {conc:3d}: {result.rps:9.0f} img/s  p50 {result.p50_ms:7.2f} ms"
+                f"served  {label:18s} {dtype:7s} conc {conc:3d}: {result.rps:9.0f} img/s  p50 {result.p50_ms:7.2f} ms"
                 f"  p99 {result.p99_ms:7.2f} ms  GPU {gpu.mean:5.1f}%  errors {result.errors or 0}"
                 f"  bad {result.verify_failures}  cores: host {gpu.cores('host'):.1f} frontends "
                 f"{gpu.cores('frontend'):.1f} machine {gpu.cores('machine'):.1f}/{os.cpu_count()}",
@@ -287,6 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
     parser.add_argument("--hosts", type=lambda t: [int(h) for h in t.split(",")], default=[1],
                         help="ONEBOX_HOSTS_PER_DEVICE values to serve with, e.g. 1,2,4")  # fmt: skip
+    parser.add_argument("--graphs", type=lambda t: [g == "on" for g in t.split(",")], default=[False, True],
+                        help="serve without and/or with CUDA graphs: off, on or off,on (the default)")  # fmt: skip
     parser.add_argument(
         "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
     )
@@ -305,31 +348,24 @@ def main(argv=None) -> int:
     artifacts = make_artifacts(args.out, kinds, dtypes)
     report = {}
     for (kind, dtype), model_dir in artifacts.items():
-        off = offline(kind, model_dir, dtype, batches)
-        ceiling = off[max(batches)]["img_s"]
-        for hosts in args.hosts:
-            print(f"-- {kind}/{dtype} with {hosts} model host(s) on the GPU", flush=True)
-            srv = served(
-                kind,
-                model_dir,
-                dtype,
-                concurrencies,
-                args.duration,
-                args.workers,
-                args.profile,
-                hosts,
-                args.threads,
-            )
-            best = max(r["img_s"] for r in srv.values())
-            report[f"{kind}/{dtype}/hosts{hosts}"] = {"offline": off, "served": srv}
-            first = srv[concurrencies[0]]["p50_ms"]
-            print(
-                f"== {kind}/{dtype}, {hosts} host(s): served {best:.0f} img/s = {best / ceiling:.0%} of the "
-                f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} latency "
-                f"{first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "
-                f"(+{first - off[batches[0]]['ms']:.2f} ms)",
-                flush=True,
-            )
+        for graphs in args.graphs:
+            label = f"{kind}+graphs" if graphs else kind
+            off = offline(kind, model_dir, dtype, batches, graphs)
+            ceiling = off[max(batches)]["img_s"]
+            for hosts in args.hosts:
+                print(f"-- {label}/{dtype} with {hosts} model host(s) on the GPU", flush=True)
+                srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
+                             hosts, args.threads, graphs)  # fmt: skip
+                best = max(r["img_s"] for r in srv.values())
+                report[f"{label}/{dtype}/hosts{hosts}"] = {"offline": off, "served": srv}
+                first = srv[concurrencies[0]]["p50_ms"]
+                print(
+                    f"== {label}/{dtype}, {hosts} host(s): served {best:.0f} img/s = {best / ceiling:.0%} of the "
+                    f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
+                    f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "
+                    f"(+{first - off[batches[0]]['ms']:.2f} ms)",
+                    flush=True,
+                )
     (args.out / f"gpu_resnet50-{args.kinds.replace(',', '-')}.json").write_text(
         json.dumps(report, indent=1, default=str)
     )

@@ -154,28 +154,34 @@ class TorchRunner:
                 if key not in self._graphs:
                     self._graphs[key] = self._capture([self._to_device(a, i) for i, a in enumerate(arrays)])
                 static_in, static_out, graph, names = self._graphs[key]
-                for i, a in enumerate(arrays):
-                    static_in[i].copy_(self._to_device(a, i), non_blocking=True)
+                for i, a in enumerate(arrays):  # pinned staging straight into the captured input
+                    static_in[i].copy_(self._staged(a, i), non_blocking=True)
                 graph.replay()
                 return self._to_host(static_out, names)
         out = self.fn(*[self._to_device(a, i) for i, a in enumerate(arrays)])
         return self._to_host(flatten_outputs(out), _names_for(out))
 
-    def _to_device(self, array: np.ndarray, slot: int):
+    def _staged(self, array: np.ndarray, slot: int):
+        """``array`` copied into a pinned host buffer kept for this slot, shape and dtype."""
         import torch
 
         tensor = torch.from_numpy(array)
+        # batches may run on any caller's thread; with one at a time they share the buffers
+        staging = self._staging if self.concurrency == 1 else self._local.__dict__.setdefault("staging", {})
+        key = (slot, array.shape, array.dtype.str)
+        buf = staging.get(key)
+        if buf is None:
+            buf = staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
+        buf.copy_(tensor)
+        return buf
+
+    def _to_device(self, array: np.ndarray, slot: int):
+        import torch
+
         if self.cuda:
-            # batches may run on any caller's thread; with one at a time they share the buffers
-            staging = (
-                self._staging if self.concurrency == 1 else self._local.__dict__.setdefault("staging", {})
-            )
-            key = (slot, array.shape, array.dtype.str)
-            buf = staging.get(key)
-            if buf is None:
-                buf = staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
-            buf.copy_(tensor)
-            tensor = buf.to(self.device, non_blocking=True)
+            tensor = self._staged(array, slot).to(self.device, non_blocking=True)
+        else:
+            tensor = torch.from_numpy(array)
         if self.cast_inputs and tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         return tensor

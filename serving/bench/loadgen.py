@@ -102,13 +102,14 @@ def parse_response(buf: bytearray) -> tuple[int, int, bool, int] | None:
 class _Client:
     """One connection with at most one request in flight."""
 
-    __slots__ = ("sock", "buf", "sent_at", "head")
+    __slots__ = ("sock", "buf", "sent_at", "head", "unsent")
 
     def __init__(self):
         self.sock: socket.socket | None = None
         self.buf = bytearray()
         self.sent_at = 0.0
         self.head: tuple[int, int, bool, int] | None = None
+        self.unsent: memoryview | None = None  # the rest of a request the socket did not take at once
 
 
 @dataclass
@@ -136,8 +137,10 @@ def _run_clients(plan: _Plan) -> dict:
     def connect(client: _Client) -> None:
         sock = socket.create_connection(plan.address, timeout=plan.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(plan.request) > 65536:  # room for a whole request, so one send usually takes it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(2 * len(plan.request), 1 << 22))
         sock.setblocking(False)
-        client.sock, client.buf, client.head = sock, bytearray(), None
+        client.sock, client.buf, client.head, client.unsent = sock, bytearray(), None, None
         sel.register(sock, selectors.EVENT_READ, client)
 
     def drop(client: _Client) -> None:
@@ -151,10 +154,17 @@ def _run_clients(plan: _Plan) -> dict:
             connect(client)
         client.sent_at = time.perf_counter()
         sent = client.sock.send(plan.request)
-        if sent < len(plan.request):  # only a request larger than the socket buffer gets here
-            client.sock.setblocking(True)
-            client.sock.sendall(plan.request[sent:])
-            client.sock.setblocking(False)
+        if sent < len(plan.request):
+            # the rest goes out as the server reads: never block the loop (and every other
+            # client of this process) on one connection the server has not got to yet
+            client.unsent = memoryview(plan.request)[sent:]
+            sel.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def send_rest(client: _Client) -> None:
+        sent = client.sock.send(client.unsent)
+        client.unsent = client.unsent[sent:] if sent < len(client.unsent) else None
+        if client.unsent is None:
+            sel.modify(client.sock, selectors.EVENT_READ, client)
 
     clients = [_Client() for _ in range(plan.clients)]
     delay = plan.start - time.time()
@@ -185,8 +195,20 @@ def _run_clients(plan: _Plan) -> dict:
         now = time.perf_counter()
         if now >= measure_to:
             break
-        for key, _ in sel.select(min(_SELECT_S, measure_to - now)):
+        for key, events in sel.select(min(_SELECT_S, measure_to - now)):
             client: _Client = key.data
+            if client.sock is None:  # dropped earlier in this round
+                continue
+            if events & selectors.EVENT_WRITE and client.unsent is not None:
+                try:
+                    send_rest(client)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    restart(client, "reset", time.perf_counter())
+                    continue
+            if not events & selectors.EVENT_READ:
+                continue
             try:
                 chunk = client.sock.recv(_READ)
             except (BlockingIOError, InterruptedError):

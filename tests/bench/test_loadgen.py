@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,6 +18,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive unless an answer says otherwise
 
     def do_POST(self):
+        if self.path == "/stall-first" and self.server.stall_once():
+            time.sleep(1.5)  # this connection's body stays unread in the socket meanwhile
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.count()
         if self.path.startswith("/status/"):
@@ -54,10 +57,17 @@ class _Server(ThreadingHTTPServer):
         self.handled = 0
         self.connections = 0
         self._lock = threading.Lock()
+        self._stalled = False
 
     def count(self):
         with self._lock:
             self.handled += 1
+
+    def stall_once(self) -> bool:
+        """True for the first request that asks, False after."""
+        with self._lock:
+            first, self._stalled = not self._stalled, True
+            return first
 
     def handle_error(self, request, client_address):
         pass  # the load generator closes its connections at the end of a run: resets are expected
@@ -134,6 +144,15 @@ def test_clients_spread_over_processes_add_up(server):
     assert server.handled - 6 <= result.requests <= server.handled
     assert result.verified == result.requests  # samples from both processes reach the result
     assert server.connections == 6
+
+
+def test_a_request_the_server_does_not_read_holds_up_only_its_own_client(server):
+    # 8 MB does not fit a socket buffer: the stalled connection's request stays half sent
+    # for 1.5 s, longer than the whole run, while the other client of the same process goes on
+    body = bytes(8 << 20)
+    result = _load(_url(server, "/stall-first"), body=body, concurrency=2, processes=1, duration_s=1.0)
+    assert result.errors == {}
+    assert result.requests >= 3
 
 
 def test_answers_that_close_the_connection_are_followed_by_a_reconnect(server):
