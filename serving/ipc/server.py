@@ -45,7 +45,9 @@ class IPCServer:
     """Serves ``dispatch(header, buffers) -> (header, buffers)`` on a Unix socket.
 
     ``nowait(header, buffers)``, when given, is tried first on the I/O thread; it returns a
-    :class:`Pending` or None, and must never block. Everything else runs on worker threads.
+    :class:`Pending` or None, and must never wait on anything but a short computation (the
+    host runs an idle model there only when its batches take under ~2 ms). Everything else
+    runs on worker threads.
     """
 
     def __init__(self, path: str, dispatch: Dispatch, nowait: NoWait | None = None, workers: int = 1024):
