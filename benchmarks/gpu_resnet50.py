@@ -284,7 +284,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for role, proc in targets.items():
-                    spy = profile(proc.pid, duration, profile_dir / f"profile-{label}-{dtype}-{role}.txt")
+                    spy = profile(proc.pid, duration, profile_dir / f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-{role}.txt")
                     if spy:
                         spies.append(spy)
             with GpuSampler(server.proc.pid) as gpu:
