@@ -87,11 +87,13 @@ class Host:
             return {}, []
         raise BadRequest(f"unknown IPC operation {op!r}")
 
-    def dispatch_nowait(self, header: dict, buffers: list) -> Pending | None:
+    def dispatch_nowait(self, header: dict, buffers: list, alone: bool = False) -> Pending | None:
         """A model call queued without waiting (the I/O thread's path); None for anything else.
 
-        An idle model whose recent batches took under ``READER_INLINE_S`` runs the call right
-        here instead (the Pending is then already done). Also None when the model's own ``timeout_s`` is shorter than the request's deadline:
+        A call that arrived ``alone`` (no other connection had anything to read) for an idle
+        model whose recent batches took under ``READER_INLINE_S`` runs right here instead (the
+        Pending is then already done): with others waiting in their sockets, the I/O thread
+        would serialise every request into batches of one. Also None when the model's own ``timeout_s`` is shorter than the request's deadline:
         the host must answer 504 on time then, which takes a thread waiting on the result.
         """
         if header.get("op") != "infer":
@@ -99,7 +101,8 @@ class Host:
         deadline = self._deadline(header)
         if self.registry.model_deadline(header["model"], deadline) < deadline:
             return None
-        return self._infer(header, buffers, deadline, inline=False, inline_under=READER_INLINE_S)
+        under = READER_INLINE_S if alone else None
+        return self._infer(header, buffers, deadline, inline=False, inline_under=under)
 
     def _infer(
         self, header: dict, buffers: list, deadline: float, inline: bool, inline_under: float | None = None

@@ -26,10 +26,10 @@ def host(tmp_path):
     host.registry.close()
 
 
-def _call(host: Host, x: np.ndarray) -> Pending:
+def _call(host: Host, x: np.ndarray, alone: bool = True) -> Pending:
     specs, buffers = encode_tensors({"x": x})
     header = {"op": "infer", "model": "linear", "inputs": specs, "deadline": time.time() + 5}
-    return host.dispatch_nowait(header, [memoryview(b) for b in buffers])
+    return host.dispatch_nowait(header, [memoryview(b) for b in buffers], alone)
 
 
 def test_a_quick_idle_model_is_run_on_the_io_thread_itself(host):
@@ -46,6 +46,18 @@ def test_a_quick_idle_model_is_run_on_the_io_thread_itself(host):
     assert second.future.done()  # answered before dispatch_nowait returned
     assert ran_on == [threading.current_thread()]
     np.testing.assert_allclose(second.future.result()["y"], reference(x + 1), rtol=1e-6)
+
+
+def test_a_call_that_arrived_with_others_is_queued_even_for_a_quick_model(host):
+    x = np.ones((1, 4), dtype=np.float32)
+    _call(host, x).future.result(5)  # measured: quick
+    batcher = host.registry.get("linear").batcher
+    runner = batcher._run
+    ran_on = []
+    batcher._run = lambda inputs: ran_on.append(threading.current_thread()) or runner(inputs)
+    pending = _call(host, x, alone=False)  # others were readable: they may batch with it
+    np.testing.assert_allclose(pending.future.result(5)["y"], reference(x), rtol=1e-6)
+    assert ran_on and ran_on[0] is not threading.current_thread()
 
 
 def test_a_slow_model_is_never_run_on_the_io_thread(host):
