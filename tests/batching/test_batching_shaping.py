@@ -70,6 +70,15 @@ def test_concatenate_joins_parts_in_order_and_pads_with_the_last_row():
     assert not np.shares_memory(joined["x"], parts[0]["x"])
 
 
+def test_a_padded_batch_is_c_contiguous_so_the_runner_need_not_copy_it_again():
+    # np.concatenate with a broadcast padding part lays the result out non-contiguously
+    parts = [{"x": np.ones((1, 3, 4, 4), np.uint8)} for _ in range(3)]
+    joined = concatenate(parts, 4)["x"]
+    assert joined.flags["C_CONTIGUOUS"]
+    assert np.ascontiguousarray(joined) is joined
+    assert joined.shape == (4, 3, 4, 4) and joined.dtype == np.uint8
+
+
 def test_concatenate_of_a_single_unpadded_part_passes_the_arrays_through():
     array = np.arange(6).reshape(3, 2)
     assert concatenate([{"x": array}])["x"] is array
