@@ -72,11 +72,13 @@ def test_concatenate_joins_parts_in_order_and_pads_with_the_last_row():
 
 def test_a_padded_batch_is_c_contiguous_so_the_runner_need_not_copy_it_again():
     # np.concatenate with a broadcast padding part lays the result out non-contiguously
-    parts = [{"x": np.ones((1, 3, 4, 4), np.uint8)} for _ in range(3)]
+    # whenever it repeats the last row more than once (it made the batch dimension innermost)
+    parts = [{"x": np.full((1, 3, 4, 4), i, np.uint8)} for i in range(2)]
     joined = concatenate(parts, 4)["x"]
     assert joined.flags["C_CONTIGUOUS"]
     assert np.ascontiguousarray(joined) is joined
     assert joined.shape == (4, 3, 4, 4) and joined.dtype == np.uint8
+    assert [int(row.max()) for row in joined] == [0, 1, 1, 1]
 
 
 def test_concatenate_of_a_single_unpadded_part_passes_the_arrays_through():
