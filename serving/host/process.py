@@ -23,11 +23,6 @@ from serving.types import Device, RawRequest, Tensors
 
 log = logging.getLogger("onebox.host")
 
-#: an idle model whose batches take less than this runs a request on the I/O thread itself,
-#: saving the hand-off to a batcher thread (0.3-0.5 ms a request at concurrency 1 on the H100);
-#: a longer model would hold up every other connection's reads for that long
-READER_INLINE_S = 0.002
-
 
 class Host:
     """Routes IPC messages to the registry."""
@@ -91,7 +86,7 @@ class Host:
         """A model call queued without waiting (the I/O thread's path); None for anything else.
 
         A call that arrived ``alone`` (no other connection had anything to read) for an idle
-        model whose recent batches took under ``READER_INLINE_S`` runs right here instead (the
+        model whose recent batches took under ``settings.reader_inline_ms`` runs right here instead (the
         Pending is then already done): with others waiting in their sockets, the I/O thread
         would serialise every request into batches of one. Also None when the model's own ``timeout_s`` is shorter than the request's deadline:
         the host must answer 504 on time then, which takes a thread waiting on the result.
@@ -101,7 +96,10 @@ class Host:
         deadline = self._deadline(header)
         if self.registry.model_deadline(header["model"], deadline) < deadline:
             return None
-        under = READER_INLINE_S if alone else None
+        # saves the hand-off to a batcher thread; a slower model would hold up every other
+        # connection's reads for as long as its batch runs
+        limit = self.settings.reader_inline_ms / 1000.0
+        under = limit if alone and limit > 0 else None
         return self._infer(header, buffers, deadline, inline=False, inline_under=under)
 
     def _infer(

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.host.process import READER_INLINE_S, Host
+from serving.host.process import Host
 from serving.ipc.protocol import encode_tensors
 from serving.ipc.server import Pending
 from serving.settings import Settings
@@ -24,6 +24,9 @@ def host(tmp_path):
     host.load_at_start("linear", onnx_model(tmp_path / "linear"))
     yield host
     host.registry.close()
+
+
+READER_INLINE_S = Settings().reader_inline_ms / 1000.0
 
 
 def _call(host: Host, x: np.ndarray, alone: bool = True) -> Pending:
@@ -58,6 +61,22 @@ def test_a_call_that_arrived_with_others_is_queued_even_for_a_quick_model(host):
     pending = _call(host, x, alone=False)  # others were readable: they may batch with it
     np.testing.assert_allclose(pending.future.result(5)["y"], reference(x), rtol=1e-6)
     assert ran_on and ran_on[0] is not threading.current_thread()
+
+
+def test_reader_inline_ms_0_never_runs_a_model_on_the_io_thread(tmp_path):
+    host = Host(Settings.from_env({"ONEBOX_READER_INLINE_MS": "0"}), Device.parse("cpu"))
+    host.load_at_start("linear", onnx_model(tmp_path / "linear"))
+    try:
+        x = np.ones((1, 4), dtype=np.float32)
+        _call(host, x).future.result(5)
+        batcher = host.registry.get("linear").batcher
+        runner = batcher._run
+        ran_on = []
+        batcher._run = lambda inputs: ran_on.append(threading.current_thread()) or runner(inputs)
+        _call(host, x).future.result(5)
+        assert ran_on and ran_on[0] is not threading.current_thread()
+    finally:
+        host.registry.close()
 
 
 def test_a_slow_model_is_never_run_on_the_io_thread(host):
