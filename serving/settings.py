@@ -48,9 +48,6 @@ class Settings:
     model_file: str | None = None  # choose one artifact when a model directory holds several
     device: str = "auto"  # auto | cpu | cuda
     hosts_per_device: int = 1  # model host processes per device, each with its own copy and batcher
-    reader_inline_ms: float = (
-        2.0  # a host runs an idle model on its I/O thread if batches take less (0: never)
-    )
     cuda_visible_devices: str | None = None
     install_requirements: bool = True
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
@@ -101,7 +98,6 @@ class Settings:
             model_file=env.get("ONEBOX_MODEL_FILE", str, None),
             device=env.get("ONEBOX_DEVICE", _choice("auto", "cpu", "cuda"), "auto"),
             hosts_per_device=env.get("ONEBOX_HOSTS_PER_DEVICE", _positive_int, 1),
-            reader_inline_ms=env.get("ONEBOX_READER_INLINE_MS", _non_negative_float, 2.0),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", str, None),
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
             model_defaults=defaults,

@@ -100,7 +100,6 @@ class Batcher:
         self._queued_rows = 0
         self._rows_by_key: dict[Hashable, int] = {}
         self._compute_avg = 0.0
-        self._recent_compute = math.inf  # like _compute_avg, but unknown (inf) until a batch ran
         self._closing = False
         self._cond = threading.Condition()
         self._parts_lock = threading.Lock()
@@ -113,9 +112,7 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(
-        self, inputs: Tensors, deadline: float, *, run_here: bool = False, run_here_under: float | None = None
-    ) -> Future:
+    def submit(self, inputs: Tensors, deadline: float, *, run_here: bool = False) -> Future:
         """Queue ``inputs`` to run before ``deadline`` (absolute ``clock()`` seconds).
 
         Returns a ``Future`` of the outputs for exactly these rows. Raises ``BadRequest`` for
@@ -123,9 +120,7 @@ class Batcher:
         queue, ``QueueFull`` (with Retry-After) when its rows do not fit now, ``NotReady`` after
         ``close``. With ``run_here``, a caller that would wait for the result anyway runs the
         batch itself when the runner is idle and nothing is queued (the future is then done on
-        return); otherwise it queues as usual. ``run_here_under`` (seconds) allows the same
-        only while this model's recent batches took less than that: for a caller that must not
-        be held up long, such as the host's I/O thread.
+        return); otherwise it queues as usual.
         """
         if self._policy.splittable:
             rows, key = count_rows(inputs), shape_key(inputs)
@@ -143,8 +138,6 @@ class Batcher:
             # Idle runner, empty queue, no delay asked for: this request is the whole batch, so
             # run it on the caller's thread instead of waking a worker for it (two thread
             # hand-offs fewer per request at low load, where batching must add nothing).
-            if run_here_under is not None and self._recent_compute < run_here_under:
-                run_here = True
             inline = run_here and not self._delay and not self._queue and self._running < self._concurrency
             inline = inline and rows <= self._cap
             if inline:
@@ -334,8 +327,6 @@ class Batcher:
             error = ModelError(f"{type(exc).__name__}: {exc}")
         compute = self._clock() - began
         self._compute_avg += _EMA_WEIGHT * (compute - self._compute_avg)
-        recent = self._recent_compute
-        self._recent_compute = compute if recent == math.inf else recent + _EMA_WEIGHT * (compute - recent)
         self._report(BatchStats(rows, size - rows, len(parts), queue_times, compute))
         if error is not None:
             self._fail(parts, error)

@@ -82,13 +82,10 @@ class Host:
             return {}, []
         raise BadRequest(f"unknown IPC operation {op!r}")
 
-    def dispatch_nowait(self, header: dict, buffers: list, alone: bool = False) -> Pending | None:
+    def dispatch_nowait(self, header: dict, buffers: list) -> Pending | None:
         """A model call queued without waiting (the I/O thread's path); None for anything else.
 
-        A call that arrived ``alone`` (no other connection had anything to read) for an idle
-        model whose recent batches took under ``settings.reader_inline_ms`` runs right here instead (the
-        Pending is then already done): with others waiting in their sockets, the I/O thread
-        would serialise every request into batches of one. Also None when the model's own ``timeout_s`` is shorter than the request's deadline:
+        Also None when the model's own ``timeout_s`` is shorter than the request's deadline:
         the host must answer 504 on time then, which takes a thread waiting on the result.
         """
         if header.get("op") != "infer":
@@ -96,19 +93,11 @@ class Host:
         deadline = self._deadline(header)
         if self.registry.model_deadline(header["model"], deadline) < deadline:
             return None
-        # saves the hand-off to a batcher thread; a slower model would hold up every other
-        # connection's reads for as long as its batch runs
-        limit = self.settings.reader_inline_ms / 1000.0
-        under = limit if alone and limit > 0 else None
-        return self._infer(header, buffers, deadline, inline=False, inline_under=under)
+        return self._infer(header, buffers, deadline, inline=False)
 
-    def _infer(
-        self, header: dict, buffers: list, deadline: float, inline: bool, inline_under: float | None = None
-    ):
+    def _infer(self, header: dict, buffers: list, deadline: float, inline: bool):
         inputs = decode_tensors(header["inputs"], buffers)
-        future, capped = self.registry.submit(
-            header["model"], inputs, deadline, inline=inline, inline_under=inline_under
-        )
+        future, capped = self.registry.submit(header["model"], inputs, deadline, inline=inline)
         if capped < deadline:  # the model's own timeout_s is shorter: the host must answer 504
             return _outputs_reply(wait_result(future, capped))
         # the frontend's socket timeout turns a late answer into 504 at the same deadline

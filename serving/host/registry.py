@@ -176,19 +176,12 @@ class ModelRegistry:
         return wait_result(future, capped)
 
     def submit(
-        self,
-        name: str,
-        inputs: Tensors,
-        deadline: float,
-        *,
-        inline: bool = True,
-        inline_under: float | None = None,
+        self, name: str, inputs: Tensors, deadline: float, *, inline: bool = True
     ) -> tuple[Future, float]:
         """Queue decoded inputs for ``name``; the future of its outputs and the deadline that applies.
 
         With ``inline`` an idle model may run the batch on the calling thread (the future is
-        then done on return); without, the call never waits for the model, except that
-        ``inline_under`` (seconds) still lets it run an idle model whose batches take less.
+        then done on return); without, the call never waits for the model.
         """
         model = self.get(name)
         if model.handler.raw:
@@ -198,8 +191,7 @@ class ModelRegistry:
         # run on this thread only where the frontend's own deadline covers a slow call; a model
         # timeout shorter than the request's must be enforced here, by waiting on the future
         here = inline and capped >= deadline
-        under = inline_under if capped >= deadline else None
-        return model.batcher.submit(inputs, capped, run_here=here, run_here_under=under), capped
+        return model.batcher.submit(inputs, capped, run_here=here), capped
 
     def model_deadline(self, name: str, deadline: float) -> float:
         """``deadline`` shortened to the model's own ``timeout_s``."""

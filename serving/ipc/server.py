@@ -29,9 +29,8 @@ from serving.ipc.protocol import ConnectionClosed, FrameReader, send_message, tu
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[dict, list], "tuple[dict, list] | Pending"]
-#: answers a message without blocking (a Pending), or None when it must go to a worker thread;
-#: the flag says no other connection had anything to read when this message arrived
-NoWait = Callable[[dict, list, bool], "Pending | None"]
+#: answers a message without blocking (a Pending), or None when it must go to a worker thread
+NoWait = Callable[[dict, list], "Pending | None"]
 
 #: how long a reply may wait for room in a frontend's socket before the connection is dropped
 SEND_TIMEOUT_S = 60.0
@@ -45,10 +44,8 @@ def error_reply(err: ServingError) -> dict:
 class IPCServer:
     """Serves ``dispatch(header, buffers) -> (header, buffers)`` on a Unix socket.
 
-    ``nowait(header, buffers, alone)``, when given, is tried first on the I/O thread; it returns
-    a :class:`Pending` or None, and must never wait on anything but a short computation (the
-    host runs an idle model there only for a message that arrived ``alone`` — nothing else was
-    readable — and when its batches take under ~2 ms). Everything else runs on worker threads.
+    ``nowait(header, buffers)``, when given, is tried first on the I/O thread; it returns a
+    :class:`Pending` or None, and must never block. Everything else runs on worker threads.
     """
 
     def __init__(self, path: str, dispatch: Dispatch, nowait: NoWait | None = None, workers: int = 1024):
@@ -79,20 +76,11 @@ class IPCServer:
             raise
         try:
             while not self._closed.is_set():
-                events = selector.select()
-                complete = []
-                for key, _ in events:
+                for key, _ in selector.select():
                     if key.data is not None:
-                        message = self._on_readable(selector, *key.data)
-                        if message is not None:
-                            complete.append(message)
+                        self._on_readable(selector, *key.data)
                     elif key.fileobj is self._sock:
                         self._accept(selector)
-                # a message is "alone" when nothing else was readable with it: only then may the
-                # host run it on this thread, since others waiting would have to wait behind it
-                alone = len(events) == 1
-                for link, header, buffers in complete:
-                    self._answer(link, header, buffers, alone)
         finally:
             for key in list(selector.get_map().values()):
                 if key.data is not None:
@@ -114,10 +102,7 @@ class IPCServer:
         conn.settimeout(SEND_TIMEOUT_S)
         selector.register(tune(conn), selectors.EVENT_READ, (_Link(conn), FrameReader()))
 
-    def _on_readable(
-        self, selector: selectors.BaseSelector, link: _Link, reader: FrameReader
-    ) -> tuple[_Link, dict, list] | None:
-        """The connection's next whole message, if this read completed one."""
+    def _on_readable(self, selector: selectors.BaseSelector, link: _Link, reader: FrameReader) -> None:
         try:
             message = reader.receive(link.sock)
         except (ConnectionError, OSError) as exc:
@@ -125,14 +110,15 @@ class IPCServer:
                 log.debug("dropping IPC connection: %s", exc)
             selector.unregister(link.sock)
             link.close()
-            return None
-        return None if message is None else (link, *message)
+            return
+        if message is not None:
+            self._answer(link, *message)
 
-    def _answer(self, link: _Link, header: dict, buffers: list, alone: bool) -> None:
+    def _answer(self, link: _Link, header: dict, buffers: list) -> None:
         op = header.get("op")
         if self.nowait is not None:
             try:
-                pending = self.nowait(header, buffers, alone)
+                pending = self.nowait(header, buffers)
             except Exception as exc:
                 link.send(*_failure(exc, op))
                 return

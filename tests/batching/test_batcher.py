@@ -463,32 +463,6 @@ def test_run_here_queues_behind_a_busy_runner_and_batches_with_the_rest():
     batcher.close()
 
 
-def test_run_here_under_runs_idle_requests_here_only_while_batches_are_quick():
-    now = [1000.0]
-    cost = [0.001]  # seconds each batch takes on the batcher's (fake) clock
-    threads = []
-
-    def run(inputs):
-        threads.append(threading.current_thread())
-        now[0] += cost[0]
-        return {"y": inputs["x"]}
-
-    batcher = Batcher(run, BatchPolicy(max_batch_size=8, max_queue=64), clock=lambda: now[0])
-    here = threading.current_thread()
-
-    def submit():
-        future = batcher.submit({"x": np.ones((1, 1), dtype=np.float32)}, now[0] + 60, run_here_under=0.002)
-        future.result(5)
-        return threads[-1]
-
-    assert submit() is not here  # nothing measured yet: a worker runs it
-    assert submit() is here  # the last batch took 1 ms < 2 ms
-    cost[0] = 0.010
-    assert submit() is here  # this one takes 10 ms: the average goes over 2 ms
-    assert submit() is not here
-    batcher.close()
-
-
 def test_run_here_with_a_delay_or_a_backlog_does_not_jump_the_queue():
     seen = []
     batcher = Batcher(lambda t: seen.append(threading.current_thread()) or {"y": t["x"]},
