@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import server_roles  # noqa: E402
+from handlers.torch_common import capture_graph  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
 from tests.support.server import Server  # noqa: E402
@@ -66,7 +67,7 @@ def build_module(torch, torchvision):
 
 
 def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
-    """Model directories keyed by (kind, dtype), each with its onebox.toml."""
+    """Model directories keyed by (kind, dtype); ``served`` writes each one's onebox.toml."""
     import torch
     import torchvision
 
@@ -90,7 +91,6 @@ def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
                     torch._inductor.aoti_compile_and_package(
                         program, package_path=str(model_dir / "model.pt2")
                     )
-            (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs=False))
             print(f"built {kind}/{dtype} in {time.perf_counter() - started:.1f}s", flush=True)
             out[(kind, dtype)] = model_dir
     return out
@@ -105,19 +105,9 @@ def load_offline(kind: str, model_dir: Path):
 
 
 def graphed(fn, example):
-    """``fn`` captured as one CUDA graph for ``example``'s shape; calls copy in, replay, and return."""
-    import torch
-
+    """``fn`` as one CUDA graph for ``example``'s shape (the server's capture); calls copy in and replay."""
     static_in = example.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
+    graph, static_out = capture_graph(fn, [static_in], example.device)
 
     def replay(x):
         static_in.copy_(x)
@@ -125,6 +115,10 @@ def graphed(fn, example):
         return static_out
 
     return replay
+
+
+def label_of(kind: str, graphs: bool) -> str:
+    return f"{kind}+graphs" if graphs else kind
 
 
 def offline(
@@ -139,7 +133,7 @@ def offline(
 
     model = load_offline(kind, model_dir)
     results = {}
-    label = f"{kind}+graphs" if graphs else kind
+    label = label_of(kind, graphs)
     with torch.inference_mode():
         for batch in batches:
             inputs = [
@@ -254,7 +248,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs))
-    label = f"{kind}+graphs" if graphs else kind
+    label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
         image = image.astype(np.float16)
@@ -284,7 +278,11 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for role, proc in targets.items():
-                    spy = profile(proc.pid, duration, profile_dir / f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-{role}.txt")
+                    spy = profile(
+                        proc.pid,
+                        duration,
+                        profile_dir / f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-{role}.txt",
+                    )
                     if spy:
                         spies.append(spy)
             with GpuSampler(server.proc.pid) as gpu:
@@ -349,7 +347,7 @@ def main(argv=None) -> int:
     report = {}
     for (kind, dtype), model_dir in artifacts.items():
         for graphs in args.graphs:
-            label = f"{kind}+graphs" if graphs else kind
+            label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
             for hosts in args.hosts:

@@ -201,19 +201,28 @@ class TorchRunner:
 
     def _capture(self, static_in: list):
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""
-        import torch
-
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.fn(*static_in)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.fn(*static_in)
+        graph, out = capture_graph(self.fn, static_in, self.device)
         log.info("captured a CUDA graph for input shapes %s", [tuple(t.shape) for t in static_in])
         return static_in, flatten_outputs(out), graph, _names_for(out)
+
+
+def capture_graph(fn: Callable, static_in: list, device) -> tuple:
+    """``(graph, outputs)``: ``fn(*static_in)`` warmed up on a side stream, then captured once.
+
+    Replaying the graph reruns ``fn`` on whatever ``static_in`` then holds, into ``outputs``.
+    """
+    import torch
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*static_in)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static_in)
+    return graph, out
 
 
 def declared_specs(config: ModelConfig, key: str = "inputs"):
