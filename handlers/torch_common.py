@@ -6,6 +6,7 @@ torch is imported inside functions only, so importing this module stays cheap.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 
@@ -75,12 +76,32 @@ def _names_for(out) -> list[str]:
     return output_names(len(flatten_outputs(out)))
 
 
+class _Lane:
+    """What one batch in flight owns on a GPU: a stream, pinned staging buffers, captured graphs.
+
+    A lane is used by one batch at a time, so its pinned buffers are never overwritten while a
+    non-blocking copy still reads them, and its graphs' static buffers never hold two batches.
+    """
+
+    __slots__ = ("stream", "staging", "graphs", "pool")
+
+    def __init__(self, stream, pool):
+        self.stream = stream  # None: the device's current stream (one lane, the old behaviour)
+        self.staging: dict[tuple, object] = {}
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = pool  # the memory pool this lane's graphs share (they never replay at once)
+
+
 class TorchRunner:
     """Runs a torch callable on one device: numpy in, float32/native numpy out.
 
     On CUDA, inputs go through pinned staging buffers with non-blocking copies and one stream
     synchronisation per batch; with ``config.cuda_graphs`` each batch size in ``graph_sizes``
     is captured once and replayed. A CUDA out-of-memory error becomes ``InsufficientMemory``.
+
+    ``config.concurrent_batches`` batches may run at once (the batcher's worker threads): on
+    CUDA each takes a lane of its own (stream, staging, graphs), so one batch's host-side work
+    (copies in, answers out) overlaps another's device compute in the same process.
     """
 
     def __init__(
@@ -108,14 +129,14 @@ class TorchRunner:
         if threads:
             torch.set_num_threads(threads)
         self.graph_sizes = set(graph_sizes) if (config.cuda_graphs and self.cuda) else set()
-        self._graphs: dict[tuple, tuple] = {}
-        self._lock = threading.Lock()  # CUDA graphs share static buffers: one replay at a time
-        self._local = threading.local()  # per thread when batches overlap: pinned staging, CUDA stream
-        self._staging: dict[tuple, object] = {}
-        # batches this runner may take at once (each thread gets its own stream and staging).
-        # One: on the H100, ResNet-50 served 2816 img/s with one in flight and 1993 with two
-        # (benchmarks/RESULTS.md); the second thread's GIL traffic cost more than the overlap won.
-        self.concurrency = 1
+        # batches this runner takes at once; the batcher runs as many worker threads
+        self.concurrency = config.concurrent_batches or 1
+        self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+        for _ in range(self.concurrency if self.cuda else 0):
+            stream = torch.cuda.Stream(self.device) if self.concurrency > 1 else None
+            self._lanes.put(_Lane(stream, torch.cuda.graph_pool_handle()))
+        self._captured: set[tuple] = set()  # shapes captured in every lane
+        self._capture_lock = threading.Lock()
 
     def __call__(self, inputs: Tensors) -> Tensors:
         """Run one batch; outputs are named by :func:`output_names` unless the model returns a dict."""
@@ -125,63 +146,75 @@ class TorchRunner:
         if missing:
             raise BadRequest(f"missing input(s) {missing}; the model takes {self.input_names}")
         arrays = [np.ascontiguousarray(inputs[n]) for n in self.input_names]
-        with torch.inference_mode(), self._on_own_stream():
+        with torch.inference_mode():
             try:
-                return self._run(arrays)
+                if not self.cuda:
+                    out = self.fn(*[self._cast(torch.from_numpy(a)) for a in arrays])
+                    return self._to_host(flatten_outputs(out), _names_for(out))
+                return self._run_cuda(arrays)
             except torch.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
                 raise InsufficientMemory(
                     f"out of device memory running a batch on {self.device}: {str(exc).splitlines()[0]}"
                 ) from None
 
-    def _on_own_stream(self):
-        """A CUDA stream for the calling thread (a no-op context on the CPU)."""
+    def _run_cuda(self, arrays: list[np.ndarray]) -> Tensors:
         import contextlib
 
         import torch
 
-        if not self.cuda or self.concurrency == 1:
-            return contextlib.nullcontext()  # one batch at a time: the default stream will do
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.device)
-        return torch.cuda.stream(stream)
-
-    def _run(self, arrays: list[np.ndarray]) -> Tensors:
         key = tuple((a.shape, a.dtype.str) for a in arrays)
-        if self.cuda and arrays and arrays[0].ndim and arrays[0].shape[0] in self.graph_sizes:
-            with self._lock:
-                if key not in self._graphs:
-                    self._graphs[key] = self._capture([self._to_device(a, i) for i, a in enumerate(arrays)])
-                static_in, static_out, graph, names = self._graphs[key]
-                for i, a in enumerate(arrays):  # pinned staging straight into the captured input
-                    static_in[i].copy_(self._staged(a, i), non_blocking=True)
-                graph.replay()
-                return self._to_host(static_out, names)
-        out = self.fn(*[self._to_device(a, i) for i, a in enumerate(arrays)])
-        return self._to_host(flatten_outputs(out), _names_for(out))
+        graphed = bool(arrays) and arrays[0].ndim > 0 and arrays[0].shape[0] in self.graph_sizes
+        if graphed and key not in self._captured:
+            self._capture_everywhere(key, arrays)
+        lane = self._lanes.get()
+        try:
+            with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
+                if graphed:
+                    static_in, static_out, graph, names = lane.graphs[key]
+                    for i, a in enumerate(arrays):  # pinned staging straight into the captured input
+                        static_in[i].copy_(self._staged(lane, a, i), non_blocking=True)
+                    graph.replay()
+                    return self._to_host(static_out, names)
+                out = self.fn(*[self._to_device(lane, a, i) for i, a in enumerate(arrays)])
+                return self._to_host(flatten_outputs(out), _names_for(out))
+        finally:
+            self._lanes.put(lane)
 
-    def _staged(self, array: np.ndarray, slot: int):
-        """``array`` copied into a pinned host buffer kept for this slot, shape and dtype."""
+    def _capture_everywhere(self, key: tuple, arrays: list[np.ndarray]) -> None:
+        """Capture a graph for these shapes in every lane, while no lane runs a batch."""
+        with self._capture_lock:
+            if key in self._captured:
+                return
+            lanes = [self._lanes.get() for _ in range(self.concurrency)]  # waits for batches in flight
+            try:
+                for lane in lanes:
+                    if key not in lane.graphs:
+                        lane.graphs[key] = self._capture(
+                            lane, [self._to_device(lane, a, i) for i, a in enumerate(arrays)]
+                        )
+                self._captured.add(key)
+            finally:
+                for lane in lanes:
+                    self._lanes.put(lane)
+
+    def _staged(self, lane: _Lane, array: np.ndarray, slot: int):
+        """``array`` copied into the lane's pinned host buffer for this slot, shape and dtype."""
         import torch
 
         tensor = torch.from_numpy(array)
-        # batches may run on any caller's thread; with one at a time they share the buffers
-        staging = self._staging if self.concurrency == 1 else self._local.__dict__.setdefault("staging", {})
         key = (slot, array.shape, array.dtype.str)
-        buf = staging.get(key)
+        buf = lane.staging.get(key)
         if buf is None:
-            buf = staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
+            buf = lane.staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
         buf.copy_(tensor)
         return buf
 
-    def _to_device(self, array: np.ndarray, slot: int):
-        import torch
+    def _to_device(self, lane: _Lane, array: np.ndarray, slot: int):
+        return self._cast(self._staged(lane, array, slot).to(self.device, non_blocking=True))
 
-        if self.cuda:
-            tensor = self._staged(array, slot).to(self.device, non_blocking=True)
-        else:
-            tensor = torch.from_numpy(array)
+    def _cast(self, tensor):
+        """Floating inputs in the model's precision (unless the handler casts them itself)."""
         if self.cast_inputs and tensor.is_floating_point() and tensor.dtype != self.dtype:
             tensor = tensor.to(self.dtype)
         return tensor
@@ -191,7 +224,7 @@ class TorchRunner:
 
         host = [t.to("cpu", non_blocking=self.cuda) for t in tensors]
         if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(self.device).synchronize()  # the lane's stream
         out = {}
         for name, t in zip(names, host, strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:
@@ -199,17 +232,19 @@ class TorchRunner:
             out[name] = t.numpy().copy() if self.cuda else t.numpy()
         return out
 
-    def _capture(self, static_in: list):
+    def _capture(self, lane: _Lane, static_in: list):
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""
-        graph, out = capture_graph(self.fn, static_in, self.device)
+        graph, out = capture_graph(self.fn, static_in, self.device, pool=lane.pool)
         log.info("captured a CUDA graph for input shapes %s", [tuple(t.shape) for t in static_in])
         return static_in, flatten_outputs(out), graph, _names_for(out)
 
 
-def capture_graph(fn: Callable, static_in: list, device) -> tuple:
+def capture_graph(fn: Callable, static_in: list, device, pool=None) -> tuple:
     """``(graph, outputs)``: ``fn(*static_in)`` warmed up on a side stream, then captured once.
 
     Replaying the graph reruns ``fn`` on whatever ``static_in`` then holds, into ``outputs``.
+    ``pool``: share another graph's memory pool (safe for graphs never replayed at once whose
+    outputs are read before the next replay: a later replay may overwrite an earlier one's).
     """
     import torch
 
@@ -220,7 +255,7 @@ def capture_graph(fn: Callable, static_in: list, device) -> tuple:
             fn(*static_in)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn(*static_in)
     return graph, out
 

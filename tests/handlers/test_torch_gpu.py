@@ -60,7 +60,26 @@ def test_cuda_graphs_replay_matches_eager(torch_artifacts):
         np.testing.assert_allclose(
             handler.predict({"x": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
         )
-    assert len(handler.runner._graphs) == 1
+    assert handler.runner._captured == {(((2, 4), "<f4"),)}
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_two_lanes_run_batches_at_once_and_never_mix_them(torch_artifacts, graphs):
+    # concurrent_batches = 2: each batch in flight has its own stream, pinned staging and graphs;
+    # with one shared staging buffer, a second batch would overwrite the first's input mid-copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    src, model = torch_artifacts
+    handler = loaded(src / "static.pt2", ModelConfig(cuda_graphs=graphs, concurrent_batches=2))
+    assert handler.concurrent_batches == 2
+    xs = [np.random.default_rng(seed).standard_normal((2, 4)).astype(np.float32) for seed in range(200)]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda x: handler.predict({"x": x})["output"], xs))
+    for x, out in zip(xs, outs, strict=True):
+        np.testing.assert_allclose(out, cpu_reference(model, x), rtol=1e-3, atol=1e-4)
+    lanes = [handler.runner._lanes.get() for _ in range(2)]
+    assert lanes[0].stream is not None and lanes[0].stream != lanes[1].stream
+    assert [len(lane.graphs) for lane in lanes] == ([1, 1] if graphs else [0, 0])
 
 
 def test_out_of_memory_is_507_and_the_handler_keeps_serving(torch_artifacts):
