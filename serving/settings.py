@@ -50,6 +50,7 @@ class Settings:
     hosts_per_device: int = 1  # model host processes per device, each with its own copy and batcher
     cuda_visible_devices: str | None = None
     install_requirements: bool = True
+    ipc_shm_min_bytes: int = 64 * 1024  # request tensors from this size go by shared memory (0: never)
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     @property
@@ -100,6 +101,7 @@ class Settings:
             hosts_per_device=env.get("ONEBOX_HOSTS_PER_DEVICE", _positive_int, 1),
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", str, None),
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
+            ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
             model_defaults=defaults,
         )
         settings.validate()
@@ -129,6 +131,13 @@ class _Env:
             return parse(raw.strip())
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
+    return value
 
 
 def _positive_int(text: str) -> int:

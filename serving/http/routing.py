@@ -11,6 +11,7 @@ import time
 
 from serving.errors import NotReady, ServingError
 from serving.ipc.client import HostClient
+from serving.ipc.protocol import SHM_MIN_BYTES
 from serving.types import RawRequest, RawResponse, Tensors, TensorSpec
 
 DESCRIBE_TTL_S = 2.0
@@ -20,8 +21,9 @@ HEALTH_TIMEOUT_S = 1.0
 class HostRouter:
     """Routes calls from one frontend worker to the model hosts."""
 
-    def __init__(self, hosts: list[dict]):
-        self.clients = [HostClient(h["socket"], h["name"]) for h in hosts]
+    def __init__(self, hosts: list[dict], shm_min_bytes: int | None = SHM_MIN_BYTES):
+        """``shm_min_bytes``: request tensors from this size travel through shared memory."""
+        self.clients = [HostClient(h["socket"], h["name"], shm_min_bytes) for h in hosts]
         self._described: dict[str, tuple[float, dict]] = {}
         self._last_health_error: ServingError | None = None
 

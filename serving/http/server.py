@@ -53,7 +53,7 @@ class FrontendApplication(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        return create_app(self.settings, HostRouter(self.hosts))
+        return create_app(self.settings, HostRouter(self.hosts, self.settings.ipc_shm_min_bytes))
 
 
 def run_frontend(run_dir: Path) -> int:

@@ -3,6 +3,8 @@
 Each thread keeps its own connection to each host, so a call never waits for another
 thread's answer and answers can never be mixed up. A call that times out or breaks closes
 its connection: a late answer is dropped with the socket instead of reaching the next call.
+Large request buffers go through the connection's shared region (protocol.SharedRegion), which
+is dropped with the connection too.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import time
 
 from serving.errors import DeadlineExceeded, NotReady, from_status
 from serving.ipc.protocol import (
+    SHM_MIN_BYTES,
     ConnectionClosed,
+    SharedRegion,
     decode_tensors,
     encode_tensors,
     recv_message,
     send_message,
+    shm_supported,
     tune,
 )
 from serving.types import RawRequest, RawResponse, Tensors
@@ -26,9 +31,12 @@ from serving.types import RawRequest, RawResponse, Tensors
 class HostClient:
     """Calls one model host over its Unix socket."""
 
-    def __init__(self, socket_path: str, name: str = "host"):
+    def __init__(self, socket_path: str, name: str = "host", shm_min_bytes: int | None = SHM_MIN_BYTES):
+        """``shm_min_bytes``: buffers of a message from this many bytes on go through shared
+        memory (None or 0: always through the socket)."""
         self.socket_path = socket_path
         self.name = name
+        self.shm_min_bytes = shm_min_bytes if shm_min_bytes and shm_supported() else None
         self._local = threading.local()
         self._outstanding = 0  # calls in flight from this process, for least-loaded routing
         self._lock = threading.Lock()
@@ -95,7 +103,7 @@ class HostClient:
         sock = self._connection()
         try:
             sock.settimeout(remaining)
-            send_message(sock, {**header, "deadline": deadline}, buffers)
+            self._send(sock, {**header, "deadline": deadline}, buffers)
             reply, out = recv_message(sock)
         except TimeoutError:
             self._drop()
@@ -108,6 +116,25 @@ class HostClient:
         if not reply.get("ok"):
             raise from_status(reply.get("status", 500), reply.get("message", "error"), reply.get("headers"))
         return reply, out
+
+    def _send(self, sock: socket.socket, header: dict, buffers: list) -> None:
+        size = sum(memoryview(b).nbytes for b in buffers) if self.shm_min_bytes else 0
+        if not size or size < self.shm_min_bytes:
+            send_message(sock, header, buffers)
+            return
+        region = self._region(size + len(buffers) * 64)  # room for the alignment of each buffer
+        sizes = region.place(buffers)
+        send_message(sock, {**header, "shm": sizes}, fds=() if region.attached else [region.fd])
+        region.attached = True
+
+    def _region(self, size: int) -> SharedRegion:
+        """This thread's region for its connection, grown (replaced) when too small."""
+        region = getattr(self._local, "region", None)
+        if region is None or region.size < size:
+            if region is not None:
+                region.close()  # the host keeps its own mapping for as long as it needs it
+            region = self._local.region = SharedRegion(size)
+        return region
 
     def _connection(self) -> socket.socket:
         sock = getattr(self._local, "sock", None)
@@ -126,6 +153,10 @@ class HostClient:
         self._local.sock = None
         if sock is not None:
             sock.close()
+        region = getattr(self._local, "region", None)
+        self._local.region = None  # a late reader of the old region must not see new requests
+        if region is not None:
+            region.close()
 
     def close(self) -> None:
         """Close this thread's connection."""

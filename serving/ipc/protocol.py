@@ -8,11 +8,21 @@ The header is a small JSON object; its ``"buffers"`` member lists the byte lengt
 buffer that follows. Tensors travel as raw buffers described by ``{name, dtype, shape}`` specs,
 so request data is never pickled and is sent with one scatter-gather ``sendmsg`` call and read
 with ``recv_into`` straight into the arrays' memory.
+
+Large buffers (a frontend's request tensors from ``SHM_MIN_BYTES`` up) can travel in shared
+memory instead: each connection has a :class:`SharedRegion` (a memfd) that the client writes and
+the host maps, passed once over the socket as a file descriptor (``SCM_RIGHTS``). The header
+then says ``"shm": [sizes]`` and no bytes follow it; the buffers lie at 64-byte aligned offsets
+from the region's start. Neither side copies them through the kernel, and the host's reader
+thread receives a few hundred bytes per request instead of the whole image.
 """
 
 from __future__ import annotations
 
+import array as arrays
 import json
+import mmap
+import os
 import socket
 import struct
 import threading
@@ -32,14 +42,20 @@ class ConnectionClosed(ConnectionError):
     """The peer closed the connection between messages."""
 
 
-def send_message(sock: socket.socket, header: dict, buffers: list = ()) -> None:
-    """Send one frame; ``buffers`` are bytes-like objects (numpy arrays, memoryviews, bytes)."""
+def send_message(sock: socket.socket, header: dict, buffers: list = (), fds: list[int] = ()) -> None:
+    """Send one frame; ``buffers`` are bytes-like objects (numpy arrays, memoryviews, bytes).
+
+    ``fds``: file descriptors passed along with the frame's first bytes (``SCM_RIGHTS``).
+    """
     views = [memoryview(b).cast("B") for b in buffers]
     header = {**header, "buffers": [v.nbytes for v in views]}
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [_LEN.pack(len(head)) + head, *[v for v in views if v.nbytes]]
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    sent = sock.sendmsg(parts)
+    if fds:
+        sent = sock.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, arrays.array("i", fds))])
+    else:
+        sent = sock.sendmsg(parts)
     if sent < total:  # partial scatter-gather send: finish the rest in order
         _send_rest(sock, parts, sent)
 
@@ -92,10 +108,11 @@ class FrameReader:
     starts afresh.
     """
 
-    __slots__ = ("_buf", "_got", "_header", "_sizes", "_end", "_total")
+    __slots__ = ("_buf", "_got", "_header", "_sizes", "_end", "_total", "fds")
 
     def __init__(self):
         self._buf = bytearray(_FIRST_READ)
+        self.fds: list[int] = []  # descriptors received with the frame (see receive_with_fds)
         self.reset()
 
     def reset(self) -> None:
@@ -121,6 +138,25 @@ class FrameReader:
         when it closed inside one or broke the framing.
         """
         n = sock.recv_into(self.space())
+        if n == 0:
+            if self.idle:
+                raise ConnectionClosed("peer closed the connection")
+            raise ConnectionError("connection closed in the middle of a message")
+        return self.advance(n)
+
+    def receive_with_fds(self, sock: socket.socket) -> tuple[dict, list] | None:
+        """As :meth:`receive`, also collecting file descriptors sent along into :attr:`fds`.
+
+        The caller owns the descriptors: it takes them from ``fds`` and closes them.
+        """
+        n, ancillary, flags, _ = sock.recvmsg_into([self.space()], _FD_SPACE)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = arrays.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise ConnectionError("more file descriptors than one region's sent with an IPC message")
         if n == 0:
             if self.idle:
                 raise ConnectionClosed("peer closed the connection")
@@ -165,6 +201,85 @@ class FrameReader:
             grown = bytearray(size)
             grown[: self._got] = memoryview(self._buf)[: self._got]
             self._buf = grown
+
+
+_FD_SPACE = socket.CMSG_SPACE(arrays.array("i").itemsize)
+SHM_ALIGN = 64
+#: the smallest message (sum of its buffers) a client sends through its shared region; smaller
+#: ones cost less through the socket than the bookkeeping would (Settings.ipc_shm_min_bytes)
+SHM_MIN_BYTES = 64 * 1024
+_SHM_FIRST = 1 << 20
+
+
+def _shm_offsets(sizes: list[int]) -> tuple[list[int], int]:
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // SHM_ALIGN) * SHM_ALIGN
+    return offsets, end
+
+
+def shm_supported() -> bool:
+    """Whether this platform can share a region between processes (Linux memfd)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "SCM_RIGHTS")
+
+
+class SharedRegion:
+    """The client's side of one connection's shared memory: written before each large message.
+
+    The client writes the region only while it has no message in flight on the connection
+    (one at a time, answer before the next), so the host never reads a region being rewritten.
+    A connection that is dropped drops its region with it: a host still reading the old one
+    for an abandoned request keeps its own mapping, which nothing writes any more.
+    """
+
+    def __init__(self, size: int):
+        self.size = max(_SHM_FIRST, 1 << (size - 1).bit_length())
+        self.fd = os.memfd_create("onebox-ipc", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.attached = False  # the host has the descriptor
+
+    def place(self, buffers: list) -> list[int]:
+        """Copy ``buffers`` into the region at aligned offsets; their sizes, for the header."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        sizes = [v.nbytes for v in views]
+        offsets, _ = _shm_offsets(sizes)
+        for view, offset in zip(views, offsets, strict=True):
+            self.map[offset : offset + view.nbytes] = view
+        return sizes
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def map_region(fd: int) -> mmap.mmap:
+    """The host's mapping of a client's region (the descriptor is closed: the mapping stays)."""
+    try:
+        size = os.fstat(fd).st_size
+        if size <= 0:
+            raise ConnectionError("an empty shared region was sent")
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+def region_buffers(region: mmap.mmap | None, sizes: object) -> list[memoryview]:
+    """Views of the buffers a ``"shm": sizes`` header puts in ``region`` (checked, no copy)."""
+    if region is None:
+        raise ConnectionError("an IPC message refers to a shared region that was never sent")
+    if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
+        raise ConnectionError("malformed IPC header: shm must be a list of buffer sizes")
+    offsets, end = _shm_offsets(sizes)
+    if end > len(region):
+        raise ConnectionError(f"IPC buffers of {end} bytes exceed the shared region ({len(region)} bytes)")
+    view = memoryview(region)
+    return [view[offset : offset + size] for offset, size in zip(offsets, sizes, strict=True)]
 
 
 def _parse_header(raw: memoryview) -> tuple[dict, list[int]]:

@@ -24,7 +24,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from serving.errors import ModelError, NotReady, ServingError
-from serving.ipc.protocol import ConnectionClosed, FrameReader, send_message, tune
+from serving.ipc.protocol import (
+    ConnectionClosed,
+    FrameReader,
+    map_region,
+    region_buffers,
+    send_message,
+    tune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +111,15 @@ class IPCServer:
 
     def _on_readable(self, selector: selectors.BaseSelector, link: _Link, reader: FrameReader) -> None:
         try:
-            message = reader.receive(link.sock)
+            message = reader.receive_with_fds(link.sock)
+            if message is not None:
+                message = link.resolve(*message, reader)
         except (ConnectionError, OSError) as exc:
             if not isinstance(exc, ConnectionClosed):
                 log.debug("dropping IPC connection: %s", exc)
+            for fd in reader.fds:
+                os.close(fd)
+            reader.fds.clear()
             selector.unregister(link.sock)
             link.close()
             return
@@ -179,6 +191,18 @@ class _Link:
         self._lock = threading.Lock()
         self._pending = False
         self._closing = False
+        self._region = None  # the frontend's shared memory (protocol.SharedRegion), mapped
+
+    def resolve(self, header: dict, buffers: list, reader: FrameReader) -> tuple[dict, list]:
+        """The message with its buffers: from the socket, or views of the connection's region."""
+        fds, reader.fds = reader.fds, []
+        if fds:  # a new (or larger) region for this connection; the old mapping goes with its views
+            for extra in fds[:-1]:
+                os.close(extra)
+            self._region = map_region(fds[-1])
+        if "shm" in header:
+            buffers = region_buffers(self._region, header.pop("shm"))
+        return header, buffers
 
     def send(self, header: dict, buffers: list) -> bool:
         try:

@@ -47,6 +47,26 @@ def test_64_concurrent_clients_each_get_their_own_answer(server):
         np.testing.assert_allclose(got, models.reference(x), rtol=1e-5, atol=1e-6)
 
 
+def test_bodies_through_shared_memory_come_back_to_their_own_senders(tmp_path):
+    # from 4 KiB (ONEBOX_IPC_SHM_MIN_BYTES) the tensors cross to the host through each frontend
+    # thread's shared-memory region, which every call on that thread rewrites
+    pytest.importorskip("onnxruntime")
+    model_dir = models.onnx_model(tmp_path / "onnx")
+    rng = np.random.default_rng(2)
+    payloads = [rng.standard_normal((256 + 16 * i, 4)).astype(np.float32) for i in range(48)]
+    headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    with Server(
+        model_dir, env={"ONEBOX_IPC_SHM_MIN_BYTES": "4096", "ONEBOX_MAX_QUEUE": "65536"}, workers=2, threads=8
+    ) as srv:
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(
+                pool.map(lambda x: srv.request("POST", "/invocations", _npy(x), headers), payloads)
+            )
+    for x, reply in zip(payloads, replies, strict=True):
+        assert reply.status == 200, reply.body
+        np.testing.assert_allclose(reply.npy(), models.reference(x), rtol=1e-5, atol=1e-6)
+
+
 BAD = [
     ("malformed JSON", b'{"instances": [[1, 2', "application/json", 400),
     ("ragged JSON", b"[[1, 2, 3, 4], [1, 2]]", "application/json", 400),

@@ -76,6 +76,7 @@ def test_onebox_batching_defaults_are_read():
         ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
         ("ONEBOX_DEVICE", "tpu"),
         ("ONEBOX_BATCH_SIZES", "1,x"),
+        ("ONEBOX_IPC_SHM_MIN_BYTES", "-1"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_value(name, value):

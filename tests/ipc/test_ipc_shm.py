@@ -1,0 +1,149 @@
+"""Large request buffers through a connection's shared region instead of the socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.errors import DeadlineExceeded
+from serving.ipc.client import HostClient
+from serving.ipc.protocol import decode_tensors, encode_tensors, send_message, shm_supported
+from serving.ipc.server import IPCServer
+
+pytestmark = pytest.mark.skipif(not shm_supported(), reason="needs Linux memfd_create and SCM_RIGHTS")
+
+BIG = (64, 3, 32, 32)  # 196 KiB of uint8: over the 64 KiB threshold
+
+
+def image(seed: int, shape=BIG) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def host(tmp_path):
+    """A host that answers each image's checksum and records how its buffers arrived."""
+    seen: list[str] = []
+    slow: list[int] = []  # sums of what slow calls still read after sleeping
+
+    def dispatch(header, buffers):
+        shared = isinstance(buffers[0], memoryview) and type(buffers[0].obj).__name__ == "mmap"
+        seen.append("shm" if shared else "socket")
+        x = decode_tensors(header["inputs"], buffers)["x"]
+        if header["op"] == "slow":
+            time.sleep(0.5)
+            slow.append(int(x.astype(np.int64).sum()))
+        specs, out = encode_tensors(
+            {"sum": np.array([x.astype(np.int64).sum()]), "first": x.reshape(-1)[:8].copy()}
+        )
+        return {"outputs": specs}, out
+
+    path = str(tmp_path / "host.sock")
+    server = IPCServer(path, dispatch)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield path, seen, slow
+    server.close()
+
+
+def ask(client: HostClient, x: np.ndarray, op: str = "infer", timeout: float = 5.0) -> dict:
+    specs, buffers = encode_tensors({"x": x})
+    header, out = client.call({"op": op, "inputs": specs}, buffers, time.time() + timeout)
+    return decode_tensors(header["outputs"], out)
+
+
+def test_large_tensors_arrive_through_shared_memory_and_small_ones_through_the_socket(host):
+    path, seen, _ = host
+    client = HostClient(path)
+    for seed in range(5):  # the region is rewritten for each call on the same connection
+        x = image(seed)
+        out = ask(client, x)
+        assert out["sum"][0] == x.astype(np.int64).sum()
+        np.testing.assert_array_equal(out["first"], x.reshape(-1)[:8])
+    small = image(9, (1, 4))
+    assert ask(client, small)["sum"][0] == small.astype(np.int64).sum()
+    assert seen == ["shm"] * 5 + ["socket"]
+
+
+def test_a_request_larger_than_the_region_gets_a_new_one(host):
+    path, seen, _ = host
+    client = HostClient(path)
+    for shape in (BIG, (8, 3, 224, 224), BIG):  # 196 KiB, then 1.2 MiB: past the first 1 MiB region
+        x = image(len(shape), shape)
+        assert ask(client, x)["sum"][0] == x.astype(np.int64).sum()
+    assert seen == ["shm"] * 3
+
+
+def test_the_threshold_can_turn_shared_memory_off(host):
+    path, seen, _ = host
+    x = image(3)
+    assert ask(HostClient(path, shm_min_bytes=None), x)["sum"][0] == x.astype(np.int64).sum()
+    assert seen == ["socket"]
+
+
+def test_concurrent_clients_each_get_the_answer_to_their_own_image(host):
+    path, _, _ = host
+    client = HostClient(path)  # one connection and one region per thread
+    images = [image(seed) for seed in range(96)]
+    with ThreadPoolExecutor(16) as pool:
+        sums = list(pool.map(lambda x: ask(client, x)["sum"][0], images))
+    assert sums == [x.astype(np.int64).sum() for x in images]
+
+
+def test_a_timed_out_call_leaves_its_region_to_the_host_and_the_next_call_uses_a_new_one(host):
+    path, _, slow = host
+    client = HostClient(path)
+    first, second = image(1), image(2)
+    with pytest.raises(DeadlineExceeded):
+        ask(client, first, op="slow", timeout=0.1)
+    # the next call goes out while the host is still reading the abandoned one's region
+    assert ask(client, second)["sum"][0] == second.astype(np.int64).sum()
+    deadline = time.time() + 5
+    while not slow and time.time() < deadline:
+        time.sleep(0.02)
+    assert slow == [first.astype(np.int64).sum()]  # not overwritten by the second image
+
+
+def _raw_frame(header: dict) -> bytes:
+    head = json.dumps({**header, "buffers": []}).encode()
+    return struct.pack("!I", len(head)) + head
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_message_naming_a_region_never_sent_drops_only_its_connection(host):
+    path, _, _ = host
+    bad = socket.socket(socket.AF_UNIX)
+    bad.connect(path)
+    bad.sendall(
+        _raw_frame({"op": "infer", "inputs": [{"name": "x", "dtype": "|u1", "shape": [8]}], "shm": [8]})
+    )
+    assert _closed_by_peer(bad)
+    x = image(4)
+    assert ask(HostClient(path), x)["sum"][0] == x.astype(np.int64).sum()
+
+
+def test_buffers_beyond_the_end_of_the_region_drop_only_their_connection(host):
+    path, _, _ = host
+    fd = os.memfd_create("small")
+    os.ftruncate(fd, 4096)
+    bad = socket.socket(socket.AF_UNIX)
+    bad.connect(path)
+    spec = [{"name": "x", "dtype": "|u1", "shape": [1 << 20]}]
+    send_message(bad, {"op": "infer", "inputs": spec, "shm": [1 << 20]}, fds=[fd])
+    os.close(fd)
+    assert _closed_by_peer(bad)
+    x = image(5)
+    assert ask(HostClient(path), x)["sum"][0] == x.astype(np.int64).sum()
