@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import statistics
@@ -43,9 +44,14 @@ MAX_BATCH = 128
 GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
-def config_toml(dtype: str, graphs: bool) -> str:
-    """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs."""
-    text = f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\n'
+def config_toml(dtype: str, graphs: bool, lanes: int = 1) -> str:
+    """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
+
+    ``lanes``: batches one host runs at once (``concurrent_batches``).
+    """
+    text = (
+        f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\nconcurrent_batches = {lanes}\n'
+    )
     if graphs:
         text += f"cuda_graphs = true\nbatch_sizes = {list(GRAPH_SIZES)}\n"
     return text + f'[[inputs]]\nname = "x"\ndtype = "{dtype}"\nshape = [-1, 3, 224, 224]\n'
@@ -216,8 +222,12 @@ class GpuSampler:
         return statistics.mean(self.samples) if self.samples else float("nan")
 
 
-def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
-    """Sample a process with py-spy (collapsed stacks) in the background, if py-spy is installed."""
+def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subprocess.Popen | None:
+    """Sample a process with py-spy (collapsed stacks) in the background, if py-spy is installed.
+
+    ``gil``: only the thread holding the GIL is sampled, so the stacks are where the process's one
+    serial Python section goes (what caps a GIL-bound process), not where its threads wait.
+    """
     import shutil
 
     exe = shutil.which("py-spy") or next(
@@ -236,6 +246,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
         "-d",
         str(int(seconds)),
         "--nonblocking",
+        *(["--gil"] if gil else []),
         "-o",
         str(out),
         "--pid",
@@ -245,9 +256,10 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
 
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
-           profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False) -> dict:  # fmt: skip
+           profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
+           lanes: int = 1) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
-    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs))
+    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes))
     label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -277,12 +289,9 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 roles = server_roles(server.proc.pid)
                 workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
-                for role, proc in targets.items():
-                    spy = profile(
-                        proc.pid,
-                        duration,
-                        profile_dir / f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-{role}.txt",
-                    )
+                for (role, proc), gil in itertools.product(targets.items(), (False, True)):
+                    name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{role}{'-gil' if gil else ''}.txt"
+                    spy = profile(proc.pid, duration, profile_dir / name, gil)
                     if spy:
                         spies.append(spy)
             with GpuSampler(server.proc.pid) as gpu:
@@ -326,8 +335,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
     parser.add_argument("--hosts", type=lambda t: [int(h) for h in t.split(",")], default=[1],
                         help="ONEBOX_HOSTS_PER_DEVICE values to serve with, e.g. 1,2,4")  # fmt: skip
-    parser.add_argument("--graphs", type=lambda t: [g == "on" for g in t.split(",")], default=[False, True],
-                        help="serve without and/or with CUDA graphs: off, on or off,on (the default)")  # fmt: skip
+    parser.add_argument(
+        "--graphs",
+        type=lambda t: [g == "on" for g in t.split(",")],
+        default=[False, True],
+        help="serve without and/or with CUDA graphs: off, on or off,on (the default)",
+    )
+    parser.add_argument("--lanes", type=lambda t: [int(n) for n in t.split(",")], default=[1],
+                        help="concurrent_batches values to serve with (batches in flight per host), e.g. 1,2")  # fmt: skip
     parser.add_argument(
         "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
     )
@@ -350,15 +365,19 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts in args.hosts:
-                print(f"-- {label}/{dtype} with {hosts} model host(s) on the GPU", flush=True)
+            for hosts, lanes in itertools.product(args.hosts, args.lanes):
+                print(
+                    f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each",
+                    flush=True,
+                )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
-                             hosts, args.threads, graphs)  # fmt: skip
+                             hosts, args.threads, graphs, lanes)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
-                report[f"{label}/{dtype}/hosts{hosts}"] = {"offline": off, "served": srv}
+                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}"] = {"offline": off, "served": srv}
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s): served {best:.0f} img/s = {best / ceiling:.0%} of the "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s): served {best:.0f} img/s = "
+                    f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "
                     f"(+{first - off[batches[0]]['ms']:.2f} ms)",

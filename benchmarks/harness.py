@@ -40,8 +40,10 @@ class Service:
     def __init__(self, args: Sequence[str], env: dict[str, str], ready_timeout: float = 120.0):
         self.port = free_port()
         self.args = [sys.executable, *args]
+        # the repository first, then whatever the caller's PYTHONPATH holds (carried wheels on a GPU box)
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         self.env = {**os.environ, **env, "SAGEMAKER_BIND_TO_PORT": str(self.port),
-                    "ONEBOX_BIND_HOST": "127.0.0.1", "PYTHONPATH": str(REPO)}  # fmt: skip
+                    "ONEBOX_BIND_HOST": "127.0.0.1", "PYTHONPATH": path}  # fmt: skip
         self.ready_timeout = ready_timeout
         self.log = Path(tempfile.mkstemp(prefix="onebox-bench-", suffix=".log")[1])
 
