@@ -257,7 +257,7 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subproces
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1) -> dict:  # fmt: skip
+           lanes: int = 1, worker_class: str = "gthread") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes))
     label = label_of(kind, graphs)
@@ -269,7 +269,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     body = buf.getvalue()
     headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
     env = {"ONEBOX_FRONTEND_THREADS": str(threads), "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
-           "ONEBOX_HOSTS_PER_DEVICE": str(hosts)}  # fmt: skip
+           "ONEBOX_HOSTS_PER_DEVICE": str(hosts), "ONEBOX_FRONTEND_WORKER_CLASS": worker_class}  # fmt: skip
     results = {}
 
     def verify(status: int, payload: bytes):
@@ -332,6 +332,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per served point")
     parser.add_argument("--workers", type=int, default=8, help="frontend processes")
     parser.add_argument("--threads", type=int, default=64, help="threads per frontend process")
+    parser.add_argument("--worker-class", choices=("gthread", "gevent"), default="gthread",
+                        help="the frontends' gunicorn worker class (ONEBOX_FRONTEND_WORKER_CLASS)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
     parser.add_argument("--hosts", type=lambda t: [int(h) for h in t.split(",")], default=[1],
                         help="ONEBOX_HOSTS_PER_DEVICE values to serve with, e.g. 1,2,4")  # fmt: skip
@@ -371,7 +373,7 @@ def main(argv=None) -> int:
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
-                             hosts, args.threads, graphs, lanes)  # fmt: skip
+                             hosts, args.threads, graphs, lanes, args.worker_class)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
                 report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}"] = {"offline": off, "served": srv}
                 first = srv[concurrencies[0]]["p50_ms"]

@@ -86,7 +86,12 @@ def serve(settings: Settings, model_dir: Path | None) -> int:
     frontend = subprocess.Popen([sys.executable, "-m", "serving", "frontend", "--run-dir", str(run_dir)])
     print(
         f"onebox: listening on http://{settings.bind_host}:{settings.port} with {settings.workers} frontends "
-        f"x {settings.threads} threads; model hosts: {', '.join(s.name for s in specs)}; "
+        + (
+            f"x {settings.threads} threads"
+            if settings.worker_class == "gthread"
+            else f"({settings.worker_class})"
+        )
+        + f"; model hosts: {', '.join(s.name for s in specs)}; "
         f"model: {model_dir or '(none)'}",
         flush=True,
     )

@@ -8,6 +8,7 @@ launcher turns that into one line on stderr and exit code 2. This is the only mo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Settings:
     safe_port_range: tuple[int, int] | None = None
     workers: int = 2  # gunicorn frontend processes
     threads: int = 32  # threads per frontend; high so /ping never queues behind inference
+    worker_class: str = "gthread"  # gunicorn worker of the frontends: gthread, or gevent (one thread)
     timeout_s: float = 60.0  # default per-request deadline
     graceful_timeout_s: float = 25.0  # SIGTERM -> in-flight requests get this long to finish
     max_payload_bytes: int | None = 6 * MB  # None: no limit (batch transform MaxPayloadInMB=0)
@@ -84,6 +86,7 @@ class Settings:
             safe_port_range=env.get("SAGEMAKER_SAFE_PORT_RANGE", _port_range, None),
             workers=env.get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, min(os.cpu_count() or 1, 4)),
             threads=env.get("ONEBOX_FRONTEND_THREADS", _positive_int, 32),
+            worker_class=env.get("ONEBOX_FRONTEND_WORKER_CLASS", _choice("gthread", "gevent"), "gthread"),
             timeout_s=timeout,
             graceful_timeout_s=env.get("ONEBOX_GRACEFUL_TIMEOUT", _positive_float, 25.0),
             max_payload_bytes=env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _payload_mb, 6 * MB),
@@ -115,6 +118,10 @@ class Settings:
                 raise ConfigError(
                     f"SAGEMAKER_SAFE_PORT_RANGE='{low}-{high}': the low port is above the high one"
                 )
+        if self.worker_class == "gevent" and importlib.util.find_spec("gevent") is None:
+            raise ConfigError(
+                "ONEBOX_FRONTEND_WORKER_CLASS=gevent needs the gevent package: pip install 'onebox[gevent]'"
+            )
         if self.batch_transform and self.max_payload_bytes and self.max_payload_bytes > 100 * MB:
             raise ConfigError("SAGEMAKER_MAX_PAYLOAD_IN_MB: batch transform allows at most 100")
 

@@ -1,8 +1,9 @@
 """The frontend side of the IPC: typed calls to a model host, each with a deadline.
 
-Each thread keeps its own connection to each host, so a call never waits for another
-thread's answer and answers can never be mixed up. A call that times out or breaks closes
-its connection: a late answer is dropped with the socket instead of reaching the next call.
+Each thread (each greenlet, under the gevent worker) keeps its own connection to each host, so a
+call never waits for another's answer and answers can never be mixed up. A call that times out
+or breaks closes its connection: a late answer is dropped with the socket instead of reaching
+the next call.
 Large request buffers go through the connection's shared region (protocol.SharedRegion), which
 is dropped with the connection too.
 """
@@ -17,6 +18,7 @@ from serving.errors import DeadlineExceeded, NotReady, from_status
 from serving.ipc.protocol import (
     SHM_MIN_BYTES,
     ConnectionClosed,
+    FrameReader,
     SharedRegion,
     decode_tensors,
     encode_tensors,
@@ -104,7 +106,7 @@ class HostClient:
         try:
             sock.settimeout(remaining)
             self._send(sock, {**header, "deadline": deadline}, buffers)
-            reply, out = recv_message(sock)
+            reply, out = recv_message(sock, self._local.reader)
         except TimeoutError:
             self._drop()
             raise DeadlineExceeded(
@@ -146,6 +148,7 @@ class HostClient:
                 sock.close()
                 raise NotReady(f"the model host is not reachable ({exc.strerror or exc})") from None
             self._local.sock = sock
+            self._local.reader = FrameReader()  # per connection: greenlets may share a thread
         return sock
 
     def _drop(self) -> None:

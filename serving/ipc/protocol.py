@@ -70,16 +70,18 @@ def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
         sent = 0
 
 
-def recv_message(sock: socket.socket) -> tuple[dict, list]:
+def recv_message(sock: socket.socket, reader: FrameReader | None = None) -> tuple[dict, list]:
     """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame.
 
-    Reads through this thread's :class:`FrameReader`, whose buffer grows to the messages seen
-    (up to 1 MiB), so an image-sized message costs one system call — and one release and
-    re-acquisition of the GIL — instead of several.
+    Reads through ``reader`` (default: this thread's :class:`FrameReader`), whose buffer grows
+    to the messages seen (up to 1 MiB), so an image-sized message costs one system call — and
+    one release and re-acquisition of the GIL — instead of several. Callers that interleave
+    several connections on one thread (greenlets) pass a reader per connection.
     """
-    reader = getattr(_LOCAL, "reader", None)
     if reader is None:
-        reader = _LOCAL.reader = FrameReader()
+        reader = getattr(_LOCAL, "reader", None)
+        if reader is None:
+            reader = _LOCAL.reader = FrameReader()
     try:
         while (message := reader.receive(sock)) is None:
             pass

@@ -77,6 +77,7 @@ def test_onebox_batching_defaults_are_read():
         ("ONEBOX_DEVICE", "tpu"),
         ("ONEBOX_BATCH_SIZES", "1,x"),
         ("ONEBOX_IPC_SHM_MIN_BYTES", "-1"),
+        ("ONEBOX_FRONTEND_WORKER_CLASS", "uvicorn"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_value(name, value):
@@ -89,3 +90,15 @@ def test_a_bad_value_names_the_variable_and_the_value(name, value):
 def test_batch_transform_payload_over_100_mb_is_refused():
     with pytest.raises(ConfigError, match="100"):
         Settings.from_env({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "101"})
+
+
+def test_the_gevent_worker_class_needs_gevent_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gevent" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'onebox\[gevent\]'"):
+        Settings.from_env({"ONEBOX_FRONTEND_WORKER_CLASS": "gevent"})
+    assert Settings.from_env({}).worker_class == "gthread"
