@@ -63,6 +63,20 @@ def test_cuda_graphs_replay_matches_eager(torch_artifacts):
     assert handler.runner._captured == {(((2, 4), "<f4"),)}
 
 
+def test_graphs_of_several_sizes_share_a_pool_and_each_replays_its_own_answer(torch_artifacts):
+    # one lane's graphs share a memory pool: a later replay may reuse an earlier graph's scratch
+    # memory, which is safe only because each answer is copied out before the next replay
+    src, model = torch_artifacts
+    handler = loaded(src / "dynamic.pt2", ModelConfig(cuda_graphs=True, batch_sizes=(1, 2, 4)))
+    rng = np.random.default_rng(5)
+    for size in (4, 1, 2, 4, 2, 1, 1, 4):
+        x = rng.standard_normal((size, 4)).astype(np.float32)
+        np.testing.assert_allclose(
+            handler.predict({"x": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
+        )
+    assert {key[0][0][0] for key in handler.runner._captured} == {1, 2, 4}
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_two_lanes_run_batches_at_once_and_never_mix_them(torch_artifacts, graphs):
     # concurrent_batches = 2: each batch in flight has its own stream, pinned staging and graphs;
