@@ -84,15 +84,14 @@ def serve(settings: Settings, model_dir: Path | None) -> int:
     supervisor = Supervisor(specs, models)
     supervisor.start()
     frontend = subprocess.Popen([sys.executable, "-m", "serving", "frontend", "--run-dir", str(run_dir)])
+    each = (
+        f"x {settings.threads} threads"
+        if settings.worker_class == "gthread"
+        else f"({settings.worker_class})"
+    )
     print(
         f"onebox: listening on http://{settings.bind_host}:{settings.port} with {settings.workers} frontends "
-        + (
-            f"x {settings.threads} threads"
-            if settings.worker_class == "gthread"
-            else f"({settings.worker_class})"
-        )
-        + f"; model hosts: {', '.join(s.name for s in specs)}; "
-        f"model: {model_dir or '(none)'}",
+        f"{each}; model hosts: {', '.join(s.name for s in specs)}; model: {model_dir or '(none)'}",
         flush=True,
     )
     while not stop.wait(0.2):

@@ -24,6 +24,7 @@ from serving.ipc.protocol import (
     encode_tensors,
     recv_message,
     send_message,
+    shm_layout,
     shm_supported,
     tune,
 )
@@ -120,12 +121,14 @@ class HostClient:
         return reply, out
 
     def _send(self, sock: socket.socket, header: dict, buffers: list) -> None:
-        size = sum(memoryview(b).nbytes for b in buffers) if self.shm_min_bytes else 0
-        if not size or size < self.shm_min_bytes:
-            send_message(sock, header, buffers)
+        views = [memoryview(b).cast("B") for b in buffers]
+        sizes = [v.nbytes for v in views]
+        if self.shm_min_bytes is None or sum(sizes) < self.shm_min_bytes:
+            send_message(sock, header, views)
             return
-        region = self._region(size + len(buffers) * 64)  # room for the alignment of each buffer
-        sizes = region.place(buffers)
+        offsets, end = shm_layout(sizes)
+        region = self._region(end)
+        region.place(views, offsets)
         send_message(sock, {**header, "shm": sizes}, fds=() if region.attached else [region.fd])
         region.attached = True
 

@@ -139,12 +139,7 @@ class FrameReader:
         Raises ``ConnectionClosed`` when the peer closed between frames, ``ConnectionError``
         when it closed inside one or broke the framing.
         """
-        n = sock.recv_into(self.space())
-        if n == 0:
-            if self.idle:
-                raise ConnectionClosed("peer closed the connection")
-            raise ConnectionError("connection closed in the middle of a message")
-        return self.advance(n)
+        return self._received(sock.recv_into(self.space()))
 
     def receive_with_fds(self, sock: socket.socket) -> tuple[dict, list] | None:
         """As :meth:`receive`, also collecting file descriptors sent along into :attr:`fds`.
@@ -159,6 +154,9 @@ class FrameReader:
                 self.fds.extend(fds)
         if flags & socket.MSG_CTRUNC:
             raise ConnectionError("more file descriptors than one region's sent with an IPC message")
+        return self._received(n)
+
+    def _received(self, n: int) -> tuple[dict, list] | None:
         if n == 0:
             if self.idle:
                 raise ConnectionClosed("peer closed the connection")
@@ -213,7 +211,8 @@ SHM_MIN_BYTES = 64 * 1024
 _SHM_FIRST = 1 << 20
 
 
-def _shm_offsets(sizes: list[int]) -> tuple[list[int], int]:
+def shm_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Where buffers of these sizes lie in a region (64-byte aligned), and the bytes they span."""
     offsets, end = [], 0
     for size in sizes:
         offsets.append(end)
@@ -246,14 +245,10 @@ class SharedRegion:
             raise
         self.attached = False  # the host has the descriptor
 
-    def place(self, buffers: list) -> list[int]:
-        """Copy ``buffers`` into the region at aligned offsets; their sizes, for the header."""
-        views = [memoryview(b).cast("B") for b in buffers]
-        sizes = [v.nbytes for v in views]
-        offsets, _ = _shm_offsets(sizes)
+    def place(self, views: list[memoryview], offsets: list[int]) -> None:
+        """Copy byte views into the region at the offsets :func:`shm_layout` gave for them."""
         for view, offset in zip(views, offsets, strict=True):
             self.map[offset : offset + view.nbytes] = view
-        return sizes
 
     def close(self) -> None:
         self.map.close()
@@ -277,7 +272,7 @@ def region_buffers(region: mmap.mmap | None, sizes: object) -> list[memoryview]:
         raise ConnectionError("an IPC message refers to a shared region that was never sent")
     if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
         raise ConnectionError("malformed IPC header: shm must be a list of buffer sizes")
-    offsets, end = _shm_offsets(sizes)
+    offsets, end = shm_layout(sizes)
     if end > len(region):
         raise ConnectionError(f"IPC buffers of {end} bytes exceed the shared region ({len(region)} bytes)")
     view = memoryview(region)

@@ -93,6 +93,12 @@ def _rows(marker: float, n: int) -> np.ndarray:
     return rows
 
 
+def _post_all(server, payloads: list[np.ndarray], threads: int) -> list:
+    """Each payload posted as JSON from ``threads`` concurrent clients; the replies in order."""
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda x: server.post_json(x.tolist()), payloads))
+
+
 def _assert_answer(reply, x: np.ndarray) -> None:
     assert reply.status == 200, reply.body
     got = np.asarray(reply.json(), dtype=np.float32)
@@ -131,8 +137,7 @@ def test_a_flood_beyond_max_queue_gets_429_with_retry_after_and_the_rest_correct
     model_dir = _script_model(tmp_path, "batch = true\nmax_batch_size = 2\nmax_queue = 2\n", sleep=0.3)
     with Server(model_dir, workers=2, threads=8) as server:
         payloads = [_rows(i, 1) for i in range(16)]
-        with ThreadPoolExecutor(16) as pool:
-            replies = list(pool.map(lambda x: server.post_json(x.tolist()), payloads))
+        replies = _post_all(server, payloads, 16)
         full = [r for r in replies if r.status == 429]
         assert full, "no request was refused although 16 arrived for a queue of 2"
         for reply in full:
@@ -203,9 +208,7 @@ def test_a_static_batch_artifact_gets_padded_and_split_requests_and_answers_only
             _assert_answer(server.post_json(x.tolist()), x)
         # concurrent small requests share padded batches of 4 and still get their own rows
         payloads = [_rows(10 + i, 1 + i % 3) for i in range(24)]
-        with ThreadPoolExecutor(24) as pool:
-            replies = list(pool.map(lambda x: server.post_json(x.tolist()), payloads))
-        for x, reply in zip(payloads, replies, strict=True):
+        for x, reply in zip(payloads, _post_all(server, payloads, 24), strict=True):
             _assert_answer(reply, x)
 
 
@@ -266,9 +269,7 @@ def test_64_concurrent_requests_to_a_batched_model_each_get_their_own_rows(tmp_p
     (model_dir / "onebox.toml").write_text("max_batch_size = 16\n")
     with Server(model_dir, workers=2, threads=16) as server:
         payloads = [_rows(i, 1 + i % 5) for i in range(64)]
-        with ThreadPoolExecutor(64) as pool:
-            replies = list(pool.map(lambda x: server.post_json(x.tolist()), payloads))
-        for x, reply in zip(payloads, replies, strict=True):
+        for x, reply in zip(payloads, _post_all(server, payloads, 64), strict=True):
             _assert_answer(reply, x)
 
 
@@ -276,9 +277,7 @@ def test_a_batching_user_script_sees_concurrent_requests_combined_into_one_batch
     model_dir = _script_model(tmp_path, "batch = true\nmax_batch_size = 16\n", sleep=0.05)
     with Server(model_dir, workers=2, threads=16) as server:
         payloads = [_rows(i, 1 + i % 3) for i in range(48)]
-        with ThreadPoolExecutor(32) as pool:
-            replies = list(pool.map(lambda x: server.post_json(x.tolist()), payloads))
-        for x, reply in zip(payloads, replies, strict=True):
+        for x, reply in zip(payloads, _post_all(server, payloads, 32), strict=True):
             _assert_answer(reply, x)
     batches = _batches(model_dir)
     assert max(len(b) for b in batches) > 1, f"no two requests ever shared a batch: {batches}"
