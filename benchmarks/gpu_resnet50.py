@@ -44,13 +44,14 @@ MAX_BATCH = 128
 GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
-def config_toml(dtype: str, graphs: bool, lanes: int = 1) -> str:
+def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto") -> str:
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
-    ``lanes``: batches one host runs at once (``concurrent_batches``).
+    ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``.
     """
     text = (
         f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\nconcurrent_batches = {lanes}\n'
+        f'cuda_sync = "{sync}"\n'
     )
     if graphs:
         text += f"cuda_graphs = true\nbatch_sizes = {list(GRAPH_SIZES)}\n"
@@ -257,9 +258,9 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subproces
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1, worker_class: str = "gthread") -> dict:  # fmt: skip
+           lanes: int = 1, worker_class: str = "gthread", sync: str = "auto") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
-    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes))
+    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync))
     label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -345,6 +346,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--lanes", type=lambda t: [int(n) for n in t.split(",")], default=[1],
                         help="concurrent_batches values to serve with (batches in flight per host), e.g. 1,2")  # fmt: skip
+    parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
+                        help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
     parser.add_argument(
         "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
     )
@@ -367,18 +370,19 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes in itertools.product(args.hosts, args.lanes):
+            for hosts, lanes, sync in itertools.product(args.hosts, args.lanes, args.sync):
                 print(
-                    f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each",
+                    f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
+                    f"cuda_sync {sync}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
-                             hosts, args.threads, graphs, lanes, args.worker_class)  # fmt: skip
+                             hosts, args.threads, graphs, lanes, args.worker_class, sync)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
-                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}"] = {"offline": off, "served": srv}
+                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}"] = {"offline": off, "served": srv}
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s): served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

@@ -40,7 +40,11 @@ def build_model(directory: Path) -> Path:
             return x[:, 0, 0, :1].float().repeat(1, 1000)
 
     torch.jit.script(Cheap()).save(str(directory / "model.pt"))
-    (directory / "onebox.toml").write_text("max_batch_size = 128\nmax_delay_ms = 0\n")
+    # the input declared as uint8, as gpu_resnet50.py does: undeclared, TorchScript inputs are
+    # float32 and the frontend would cast every image to 600 KB
+    (directory / "onebox.toml").write_text(
+        'max_batch_size = 128\nmax_delay_ms = 0\n\n[[inputs]]\nname = "x"\ndtype = "uint8"\nshape = [-1, 3, 224, 224]\n'
+    )
     return directory
 
 

@@ -83,20 +83,21 @@ class _Lane:
     non-blocking copy still reads them, and its graphs' static buffers never hold two batches.
     """
 
-    __slots__ = ("stream", "staging", "graphs", "pool")
+    __slots__ = ("stream", "staging", "graphs", "pool", "done")
 
-    def __init__(self, stream, pool):
+    def __init__(self, stream, pool, done):
         self.stream = stream  # None: the device's current stream (one lane, the old behaviour)
         self.staging: dict[tuple, object] = {}
         self.graphs: dict[tuple, tuple] = {}
         self.pool = pool  # the memory pool this lane's graphs share (they never replay at once)
+        self.done = done  # a blocking-sync CUDA event: waiting on it sleeps instead of spinning
 
 
 class TorchRunner:
     """Runs a torch callable on one device: numpy in, float32/native numpy out.
 
-    On CUDA, inputs go through pinned staging buffers with non-blocking copies and one stream
-    synchronisation per batch; with ``config.cuda_graphs`` each batch size in ``graph_sizes``
+    On CUDA, inputs go through pinned staging buffers with non-blocking copies and one
+    synchronisation per batch (see :meth:`_wait`); with ``config.cuda_graphs`` each batch size in ``graph_sizes``
     is captured once and replayed. A CUDA out-of-memory error becomes ``InsufficientMemory``.
 
     ``config.concurrent_batches`` batches may run at once (the batcher's worker threads): on
@@ -131,10 +132,12 @@ class TorchRunner:
         self.graph_sizes = set(graph_sizes) if (config.cuda_graphs and self.cuda) else set()
         # batches this runner takes at once; the batcher runs as many worker threads
         self.concurrency = config.concurrent_batches or 1
+        self.sync = config.cuda_sync
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
         for _ in range(self.concurrency if self.cuda else 0):
             stream = torch.cuda.Stream(self.device) if self.concurrency > 1 else None
-            self._lanes.put(_Lane(stream, torch.cuda.graph_pool_handle()))
+            done = torch.cuda.Event(blocking=True)
+            self._lanes.put(_Lane(stream, torch.cuda.graph_pool_handle(), done))
         self._captured: set[tuple] = set()  # shapes captured in every lane
         self._capture_lock = threading.Lock()
 
@@ -175,9 +178,9 @@ class TorchRunner:
                     for i, a in enumerate(arrays):  # pinned staging straight into the captured input
                         static_in[i].copy_(self._staged(lane, a, i), non_blocking=True)
                     graph.replay()
-                    return self._to_host(static_out, names)
+                    return self._to_host(static_out, names, lane)
                 out = self.fn(*[self._to_device(lane, a, i) for i, a in enumerate(arrays)])
-                return self._to_host(flatten_outputs(out), _names_for(out))
+                return self._to_host(flatten_outputs(out), _names_for(out), lane)
         finally:
             self._lanes.put(lane)
 
@@ -219,18 +222,36 @@ class TorchRunner:
             tensor = tensor.to(self.dtype)
         return tensor
 
-    def _to_host(self, tensors: list, names: list[str]) -> Tensors:
+    def _to_host(self, tensors: list, names: list[str], lane: _Lane | None = None) -> Tensors:
         import torch
 
         host = [t.to("cpu", non_blocking=self.cuda) for t in tensors]
-        if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()  # the lane's stream
+        if lane is not None:
+            self._wait(lane, rows=tensors[0].shape[0] if tensors and tensors[0].ndim else 1)
         out = {}
         for name, t in zip(names, host, strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:
                 t = t.float()
             out[name] = t.numpy().copy() if self.cuda else t.numpy()
         return out
+
+    def _wait(self, lane: _Lane, rows: int) -> None:
+        """Wait for the lane's stream: spinning on it, or sleeping on a blocking-sync event.
+
+        CUDA's default wait spins a core for the whole batch (the driver spins while a process
+        has fewer contexts than the machine has CPUs), and with several hosts those spinning
+        waits took the cores the frontends needed (benchmarks/RESULTS.md). A blocking-sync
+        event sleeps, at the price of a wake-up. ``auto`` spins for a batch of one row, where
+        the wake-up would be added to every request of an idle server, and sleeps otherwise.
+        """
+        import torch
+
+        stream = torch.cuda.current_stream(self.device)  # the lane's stream
+        if self.sync == "spin" or (self.sync == "auto" and rows <= 1):
+            stream.synchronize()
+            return
+        lane.done.record(stream)
+        lane.done.synchronize()
 
     def _capture(self, lane: _Lane, static_in: list):
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""

@@ -9,6 +9,7 @@ Example ``onebox.toml``::
     max_queue = 512
     timeout_s = 10
     precision = "fp16"
+    cuda_sync = "auto"           # spin | block | auto: how a host thread waits for a CUDA batch
     [[inputs]]                   # declare a signature the artifact does not carry (TorchScript)
     name = "x"
     dtype = "float32"
@@ -40,7 +41,9 @@ _TYPES = {
     "cuda_graphs": bool,
     "threads": int,
     "concurrent_batches": int,
+    "cuda_sync": str,
 }
+CUDA_SYNC = ("auto", "spin", "block")
 
 
 def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
@@ -65,6 +68,8 @@ def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
         raise ConfigError(f"{path}: timeout_s must be a positive number of seconds")
     if changes.get("precision") not in (None, "fp32", "fp16", "bf16"):
         raise ConfigError(f"{path}: precision must be fp32, fp16 or bf16")
+    if changes.get("cuda_sync", "auto") not in CUDA_SYNC:
+        raise ConfigError(f"{path}: cuda_sync must be one of {', '.join(CUDA_SYNC)}")
     return dataclasses.replace(defaults, **changes, extra=extra, explicit=frozenset(changes))
 
 

@@ -77,6 +77,31 @@ def test_graphs_of_several_sizes_share_a_pool_and_each_replays_its_own_answer(to
     assert {key[0][0][0] for key in handler.runner._captured} == {1, 2, 4}
 
 
+@pytest.mark.parametrize("sync", ["spin", "block", "auto"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_every_cuda_sync_waits_for_the_whole_batch(tmp_path, sync, graphs):
+    # long enough on the device that reading the pinned output before the copy lands would show
+    class Deep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(1024, 1024) / 32)
+
+        def forward(self, x):
+            for _ in range(30):
+                x = torch.tanh(x @ self.w)
+            return x
+
+    model = Deep().eval()
+    torch.jit.script(model).save(str(tmp_path / "deep.pt"))
+    config = ModelConfig(cuda_sync=sync, cuda_graphs=graphs, batch_sizes=(1, 256) if graphs else ())
+    handler = loaded(tmp_path / "deep.pt", config)
+    rng = np.random.default_rng(7)
+    for rows in (256, 1, 256):  # auto sleeps on an event for 256 rows and spins for one
+        x = rng.standard_normal((rows, 1024)).astype(np.float32)
+        np.testing.assert_allclose(handler.predict({"x": x})["output"], cpu_reference(model, x), atol=2e-3)
+    handler.unload()
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_two_lanes_run_batches_at_once_and_never_mix_them(torch_artifacts, graphs):
     # concurrent_batches = 2: each batch in flight has its own stream, pinned staging and graphs;

@@ -101,6 +101,14 @@ def test_an_unknown_precision_is_a_config_error(tmp_path):
         load_model_config(tmp_path, ModelConfig())
 
 
+def test_cuda_sync_is_read_and_an_unknown_one_is_a_config_error(tmp_path):
+    _write(tmp_path, 'cuda_sync = "block"\n')
+    assert load_model_config(tmp_path, ModelConfig()).cuda_sync == "block"
+    _write(tmp_path, 'cuda_sync = "yield"\n')
+    with pytest.raises(ConfigError, match="cuda_sync must be one of auto, spin, block"):
+        load_model_config(tmp_path, ModelConfig())
+
+
 # -- batch_policy: DYNAMIC -------------------------------------------------------------------
 
 
