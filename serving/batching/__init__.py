@@ -4,7 +4,8 @@ Knows nothing of HTTP, IPC or ML frameworks; imports only ``serving.errors`` and
 """
 
 from serving.batching.batcher import Batcher
+from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
 from serving.batching.stats import BatchStats
 
-__all__ = ["BatchPolicy", "BatchStats", "Batcher"]
+__all__ = ["BatchPolicy", "BatchStats", "Batcher", "Outcome"]

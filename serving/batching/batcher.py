@@ -1,4 +1,4 @@
-"""The dynamic batcher: one queue, worker threads forming batches, a future per request (DESIGN §5)."""
+"""The dynamic batcher: one queue, worker threads forming batches, an outcome per request (DESIGN §5)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import InvalidStateError
 
+from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
 from serving.batching.shaping import (
     check_outputs,
@@ -58,7 +59,7 @@ class _Request:
         self.key = key
         self.deadline = deadline
         self.submitted = submitted
-        self.future: Future = Future()
+        self.future = Outcome()
         self.taken = 0
         self.parts: list[
             tuple[int, Tensors]
@@ -112,12 +113,12 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, inputs: Tensors, deadline: float, *, run_here: bool = False) -> Future:
+    def submit(self, inputs: Tensors, deadline: float, *, run_here: bool = False) -> Outcome:
         """Queue ``inputs`` to run before ``deadline`` (absolute ``clock()`` seconds).
 
-        Returns a ``Future`` of the outputs for exactly these rows. Raises ``BadRequest`` for
-        inputs that cannot be batched, ``PayloadTooLarge`` for a request larger than the whole
-        queue, ``QueueFull`` (with Retry-After) when its rows do not fit now, ``NotReady`` after
+        Returns an :class:`Outcome` (a lighter ``Future``) of the outputs for exactly these rows.
+        Raises ``BadRequest`` for inputs that cannot be batched, ``PayloadTooLarge`` for a request
+        larger than the whole queue, ``QueueFull`` (with Retry-After) when its rows do not fit now, ``NotReady`` after
         ``close``. With ``run_here``, a caller that would wait for the result anyway runs the
         batch itself when the runner is idle and nothing is queued (the future is then done on
         return); otherwise it queues as usual.

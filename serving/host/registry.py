@@ -12,8 +12,6 @@ import logging
 import sys
 import threading
 import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 
 from handlers.base import Handler
 from handlers.registry import check_compatible, detect, handler_class
-from serving.batching import Batcher
+from serving.batching import Batcher, Outcome
 from serving.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, NotReady, ServingError
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
 from serving.host.validation import conform_inputs
@@ -177,7 +175,7 @@ class ModelRegistry:
 
     def submit(
         self, name: str, inputs: Tensors, deadline: float, *, inline: bool = True
-    ) -> tuple[Future, float]:
+    ) -> tuple[Outcome, float]:
         """Queue decoded inputs for ``name``; the future of its outputs and the deadline that applies.
 
         With ``inline`` an idle model may run the batch on the calling thread (the future is
@@ -259,7 +257,7 @@ def wait_result(future, deadline: float):
     """The future's result, or DeadlineExceeded once ``deadline`` (``time.time()`` seconds) passes."""
     try:
         return future.result(timeout=max(deadline - time.time(), 0.001))
-    except FutureTimeout:
+    except TimeoutError:
         raise DeadlineExceeded("the model did not answer within the request's deadline") from None
 
 

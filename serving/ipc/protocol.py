@@ -152,7 +152,7 @@ class FrameReader:
                 fds = arrays.array("i")
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                 self.fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             raise ConnectionError("more file descriptors than one region's sent with an IPC message")
         return self._received(n)
 
@@ -204,6 +204,7 @@ class FrameReader:
 
 
 _FD_SPACE = socket.CMSG_SPACE(arrays.array("i").itemsize)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: an IntFlag's ``&`` runs enum code per call
 SHM_ALIGN = 64
 #: the smallest message (sum of its buffers) a client sends through its shared region; smaller
 #: ones cost less through the socket than the bookkeeping would (Settings.ipc_shm_min_bytes)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from serving.errors import ModelError, NotReady, ServingError
 from serving.ipc.protocol import (
@@ -72,30 +73,32 @@ class IPCServer:
 
     def serve_forever(self) -> None:
         """Read and answer connections until :meth:`close`."""
-        selector = selectors.DefaultSelector()
+        poller = select.epoll()
+        links: dict[int, tuple[_Link, FrameReader]] = {}  # by file descriptor
         try:
-            selector.register(self._sock, selectors.EVENT_READ, None)
-            selector.register(self._wake_r, selectors.EVENT_READ, None)
+            listen_fd = self._sock.fileno()
+            poller.register(listen_fd, select.EPOLLIN)
+            poller.register(self._wake_r.fileno(), select.EPOLLIN)
         except (ValueError, OSError):
-            selector.close()
+            poller.close()
             if self._closed.is_set():
                 return  # closed before it started
             raise
         try:
             while not self._closed.is_set():
-                for key, _ in selector.select():
-                    if key.data is not None:
-                        self._on_readable(selector, *key.data)
-                    elif key.fileobj is self._sock:
-                        self._accept(selector)
+                for fd, _ in poller.poll():
+                    entry = links.get(fd)
+                    if entry is not None:
+                        self._on_readable(poller, links, fd, *entry)
+                    elif fd == listen_fd:
+                        self._accept(poller, links)
         finally:
-            for key in list(selector.get_map().values()):
-                if key.data is not None:
-                    key.data[0].close()
-            selector.close()
+            for link, _ in links.values():
+                link.close()
+            poller.close()
             self._wake_r.close()
 
-    def _accept(self, selector: selectors.BaseSelector) -> None:
+    def _accept(self, poller: select.epoll, links: dict) -> None:
         try:
             conn, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -107,9 +110,13 @@ class IPCServer:
         # timeout mode: reads happen only when epoll says so; sends from other threads wait
         # for room in the socket, up to SEND_TIMEOUT_S
         conn.settimeout(SEND_TIMEOUT_S)
-        selector.register(tune(conn), selectors.EVENT_READ, (_Link(conn), FrameReader()))
+        fd = tune(conn).fileno()
+        links[fd] = (_Link(conn), FrameReader())
+        poller.register(fd, select.EPOLLIN)
 
-    def _on_readable(self, selector: selectors.BaseSelector, link: _Link, reader: FrameReader) -> None:
+    def _on_readable(
+        self, poller: select.epoll, links: dict, fd: int, link: _Link, reader: FrameReader
+    ) -> None:
         try:
             message = reader.receive_with_fds(link.sock)
             if message is not None:
@@ -117,10 +124,12 @@ class IPCServer:
         except (ConnectionError, OSError) as exc:
             if not isinstance(exc, ConnectionClosed):
                 log.debug("dropping IPC connection: %s", exc)
-            for fd in reader.fds:
-                os.close(fd)
+            for extra in reader.fds:
+                os.close(extra)
             reader.fds.clear()
-            selector.unregister(link.sock)
+            # forgotten before the socket closes: its descriptor number may be reused at once
+            poller.unregister(fd)
+            del links[fd]
             link.close()
             return
         if message is not None:
@@ -228,9 +237,9 @@ class _Link:
     def send_when_done(self, pending: Pending, op: str | None) -> None:
         # the frontend sends its next message only after this reply, so one is pending at most
         self.hold()
-        pending.future.add_done_callback(lambda future: self._finish(pending, future, op))
+        pending.future.add_done_callback(partial(self._finish, pending, op))
 
-    def _finish(self, pending: Pending, future: Future, op: str | None) -> None:
+    def _finish(self, pending: Pending, op: str | None, future: Future) -> None:
         try:
             reply, out = pending.finish(future.result())
             answer = {"ok": True, **reply}, out
