@@ -167,7 +167,8 @@ class TorchRunner:
         import torch
 
         key = tuple((a.shape, a.dtype.str) for a in arrays)
-        graphed = bool(arrays) and arrays[0].ndim > 0 and arrays[0].shape[0] in self.graph_sizes
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+        graphed = bool(arrays) and arrays[0].ndim > 0 and rows in self.graph_sizes
         if graphed and key not in self._captured:
             self._capture_everywhere(key, arrays)
         lane = self._lanes.get()
@@ -178,9 +179,9 @@ class TorchRunner:
                     for i, a in enumerate(arrays):  # pinned staging straight into the captured input
                         static_in[i].copy_(self._staged(lane, a, i), non_blocking=True)
                     graph.replay()
-                    return self._to_host(static_out, names, lane)
+                    return self._to_host(static_out, names, lane, rows)
                 out = self.fn(*[self._to_device(lane, a, i) for i, a in enumerate(arrays)])
-                return self._to_host(flatten_outputs(out), _names_for(out), lane)
+                return self._to_host(flatten_outputs(out), _names_for(out), lane, rows)
         finally:
             self._lanes.put(lane)
 
@@ -222,12 +223,13 @@ class TorchRunner:
             tensor = tensor.to(self.dtype)
         return tensor
 
-    def _to_host(self, tensors: list, names: list[str], lane: _Lane | None = None) -> Tensors:
+    def _to_host(self, tensors: list, names: list[str], lane: _Lane | None = None, rows: int = 1) -> Tensors:
+        """Outputs copied to numpy; on CUDA (``lane`` given) after waiting for the batch of ``rows``."""
         import torch
 
         host = [t.to("cpu", non_blocking=self.cuda) for t in tensors]
         if lane is not None:
-            self._wait(lane, rows=tensors[0].shape[0] if tensors and tensors[0].ndim else 1)
+            self._wait(lane, rows)
         out = {}
         for name, t in zip(names, host, strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:

@@ -6,6 +6,7 @@ the model host that owns the model.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -104,7 +105,7 @@ class Invocations:
             if environ.get("PATH_INFO") != "/invocations" or environ.get("REQUEST_METHOD") != "POST":
                 return app(environ, start_response)
             status, headers, body = self.answer(environ)
-            start_response(_STATUS_LINES.get(status) or _status_line(status), headers)
+            start_response(_status_line(status), headers)
             return [body]
 
         return wsgi
@@ -179,13 +180,9 @@ def _headers(content_type: str, body: bytes) -> list[tuple[str, str]]:
     return [("Content-Type", content_type), ("Content-Length", str(len(body)))]
 
 
+@functools.cache
 def _status_line(status: int) -> str:
     return f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}"
-
-
-_STATUS_LINES = {
-    status: _status_line(status) for status in (200, 400, 404, 413, 415, 424, 429, 500, 503, 504)
-}
 
 
 def _from_http_exception(err: HTTPException) -> ServingError:

@@ -25,7 +25,6 @@ import mmap
 import os
 import socket
 import struct
-import threading
 
 import numpy as np
 
@@ -73,15 +72,14 @@ def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
 def recv_message(sock: socket.socket, reader: FrameReader | None = None) -> tuple[dict, list]:
     """Read one frame; raises ``ConnectionClosed`` if the peer closed before a new frame.
 
-    Reads through ``reader`` (default: this thread's :class:`FrameReader`), whose buffer grows
-    to the messages seen (up to 1 MiB), so an image-sized message costs one system call — and
-    one release and re-acquisition of the GIL — instead of several. Callers that interleave
-    several connections on one thread (greenlets) pass a reader per connection.
+    Reads through ``reader``, the connection's :class:`FrameReader`, whose buffer grows to the
+    messages seen (up to 1 MiB), so an image-sized message costs one system call — and one
+    release and re-acquisition of the GIL — instead of several. Without one, a reader is made for
+    this call. A reader belongs to one connection: greenlets share a thread, so a per-thread
+    reader would mix their frames.
     """
     if reader is None:
-        reader = getattr(_LOCAL, "reader", None)
-        if reader is None:
-            reader = _LOCAL.reader = FrameReader()
+        reader = FrameReader()
     try:
         while (message := reader.receive(sock)) is None:
             pass
@@ -91,7 +89,6 @@ def recv_message(sock: socket.socket, reader: FrameReader | None = None) -> tupl
         raise
 
 
-_LOCAL = threading.local()
 _FIRST_READ = 64 * 1024
 _KEEP_MAX = 1 << 20  # a reader keeps a buffer up to this size between messages
 #: socket buffer sizes asked for (the kernel caps them at net.core.{w,r}mem_max): an image-sized
