@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from benchmarks.harness import server_roles  # noqa: E402
 from handlers.torch_common import capture_graph  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
+from serving.ipc.client import HostClient  # noqa: E402
+from serving.ipc.directory import read_hosts_file  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 MAX_BATCH = 128
@@ -44,14 +47,15 @@ MAX_BATCH = 128
 GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
-def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto") -> str:
+def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: bool = True) -> str:
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
-    ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``.
+    ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``;
+    ``pipeline``: answer a batch while the next one runs.
     """
     text = (
         f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\nconcurrent_batches = {lanes}\n'
-        f'cuda_sync = "{sync}"\n'
+        f'cuda_sync = "{sync}"\npipeline = {str(pipeline).lower()}\n'
     )
     if graphs:
         text += f"cuda_graphs = true\nbatch_sizes = {list(GRAPH_SIZES)}\n"
@@ -247,6 +251,7 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subproces
         "-d",
         str(int(seconds)),
         "--nonblocking",
+        "--threads",
         *(["--gil"] if gil else []),
         "-o",
         str(out),
@@ -258,9 +263,9 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subproces
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1, worker_class: str = "gthread", sync: str = "auto") -> dict:  # fmt: skip
+           lanes: int = 1, worker_class: str = "gthread", sync: str = "auto", pipeline: bool = True) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
-    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync))
+    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline))
     label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -269,8 +274,13 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     np.save(buf, image)
     body = buf.getvalue()
     headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-    env = {"ONEBOX_FRONTEND_THREADS": str(threads), "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
-           "ONEBOX_HOSTS_PER_DEVICE": str(hosts), "ONEBOX_FRONTEND_WORKER_CLASS": worker_class}  # fmt: skip
+    env = {
+        "ONEBOX_FRONTEND_THREADS": str(threads),
+        "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
+        "ONEBOX_HOSTS_PER_DEVICE": str(hosts),
+        "ONEBOX_FRONTEND_WORKER_CLASS": worker_class,
+        "ONEBOX_RUN_DIR": tempfile.mkdtemp(prefix="onebox-run-"),
+    }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals)
     results = {}
 
     def verify(status: int, payload: bytes):
@@ -295,10 +305,15 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                     spy = profile(proc.pid, duration, profile_dir / name, gil)
                     if spy:
                         spies.append(spy)
+            before = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
             with GpuSampler(server.proc.pid) as gpu:
                 result = run_load(url, body=body, headers=headers, concurrency=conc, duration_s=duration,
                                   warmup_s=2.0, processes=processes, verify=verify, verify_every=50)  # fmt: skip
+            after = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
+            batches = after[0] - before[0]
+            mean_batch = (after[1] - before[1]) / batches if batches else 0.0
             results[conc] = {
+                "mean_batch": mean_batch,
                 "img_s": result.rps,
                 "p50_ms": result.p50_ms,
                 "p99_ms": result.p99_ms,
@@ -315,11 +330,25 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             print(
                 f"served  {label:18s} {dtype:7s} conc {conc:3d}: {result.rps:9.0f} img/s  p50 {result.p50_ms:7.2f} ms"
                 f"  p99 {result.p99_ms:7.2f} ms  GPU {gpu.mean:5.1f}%  errors {result.errors or 0}"
-                f"  bad {result.verify_failures}  cores: host {gpu.cores('host'):.1f} frontends "
+                f"  bad {result.verify_failures}  batch {mean_batch:.1f}  cores: host {gpu.cores('host'):.1f} frontends "
                 f"{gpu.cores('frontend'):.1f} machine {gpu.cores('machine'):.1f}/{os.cpu_count()}",
                 flush=True,
             )
     return results
+
+
+def batch_totals(run_dir: Path) -> tuple[int, int]:
+    """Batches and rows the model has run, summed over every host (their ``stats`` op)."""
+    batches = rows = 0
+    for entry in read_hosts_file(run_dir):
+        client = HostClient(entry["socket"])
+        try:
+            totals = client.stats(time.time() + 5)["models"].get("model", {})
+        finally:
+            client.close()
+        batches += totals.get("batches", 0)
+        rows += totals.get("rows", 0)
+    return batches, rows
 
 
 def main(argv=None) -> int:
@@ -346,6 +375,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--lanes", type=lambda t: [int(n) for n in t.split(",")], default=[1],
                         help="concurrent_batches values to serve with (batches in flight per host), e.g. 1,2")  # fmt: skip
+    parser.add_argument("--pipeline", type=lambda t: [p == "on" for p in t.split(",")], default=[True],
+                        help="pipeline values to serve with: on, off or off,on (answer a batch while the next runs)")  # fmt: skip
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
                         help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
     parser.add_argument(
@@ -370,19 +401,25 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes, sync in itertools.product(args.hosts, args.lanes, args.sync):
+            for hosts, lanes, sync, pipeline in itertools.product(
+                args.hosts, args.lanes, args.sync, args.pipeline
+            ):
+                piped = "pipelined" if pipeline else "serial"
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
-                    f"cuda_sync {sync}",
+                    f"cuda_sync {sync}, {piped}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
-                             hosts, args.threads, graphs, lanes, args.worker_class, sync)  # fmt: skip
+                             hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
-                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}"] = {"offline": off, "served": srv}
+                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}"] = {
+                    "offline": off,
+                    "served": srv,
+                }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

@@ -8,7 +8,7 @@ sleep releases the GIL as a CUDA synchronisation does). Client processes send on
 delivered, the mean batch it formed, and the host's CPU per request — the number that caps a
 served GPU model when one host process feeds the device (benchmarks/RESULTS.md).
 
-    .venv/bin/python benchmarks/host_pipeline.py [--concurrency 64,128] [--hosts 1,2] [--duration 5]
+    .venv/bin/python benchmarks/host_pipeline.py [--concurrency 64,128] [--hosts 1,2] [--pipeline off,on]
 
 With several hosts (``ONEBOX_HOSTS_PER_DEVICE``) each host sleeps independently, as separate
 processes sharing one GPU would queue their kernels on it; the stand-in does not model that
@@ -43,15 +43,31 @@ class DeviceLikeModel:
         from serving.types import BatchMode, Signature, TensorSpec
 
         self.signature = Signature((TensorSpec("x", "uint8", (-1, *IMAGE[1:])),), (), BatchMode.DYNAMIC)
+        self.staging: dict[tuple, np.ndarray] = {}
 
     def predict(self, inputs):
+        return self.launch(inputs)()
+
+    def input_buffer(self, name, shape, dtype):
+        """As a CUDA runner's staging: one buffer per shape that batches are assembled in."""
+        return self.staging.setdefault((name, shape, dtype.str), np.empty(shape, dtype))
+
+    def launch(self, inputs):
+        """As a CUDA runner launches: the staging copy now (unless assembled there), device time from now."""
         x = inputs["x"]
-        np.ascontiguousarray(x).copy()
-        time.sleep((FIXED_MS + PER_IMAGE_MS * len(x)) / 1000)
-        return {"output": np.zeros((len(x), 1000), np.float32)}
+        buffer = self.input_buffer("x", x.shape, x.dtype)
+        if not np.shares_memory(buffer, x):
+            np.copyto(buffer, x)
+        done = time.perf_counter() + (FIXED_MS + PER_IMAGE_MS * len(x)) / 1000
+
+        def collect():
+            time.sleep(max(0.0, done - time.perf_counter()))
+            return {"output": np.zeros((len(x), 1000), np.float32)}
+
+        return collect
 
 
-def host_main(path: str, ready, report, measure_s: float) -> None:
+def host_main(path: str, ready, report, measure_s: float, pipelined: bool = False) -> None:
     from serving.batching import Batcher, BatchPolicy
     from serving.host.process import Host
     from serving.host.registry import Model, State
@@ -67,6 +83,7 @@ def host_main(path: str, ready, report, measure_s: float) -> None:
         "model", Path("/"), state=State.READY, handler=model, config=ModelConfig(max_batch_size=128)
     )
     entry.batcher = Batcher(model.predict, BatchPolicy(max_batch_size=128, max_queue=4096),
+                            launch=model.launch if pipelined else None, allocate=model.input_buffer,
                             observe=lambda stats: sizes.append(stats.rows))  # fmt: skip
     host.registry._models["model"] = entry
     server = IPCServer(path, host.dispatch, host.dispatch_nowait)
@@ -101,7 +118,7 @@ def client_main(paths: list[str], threads: int, seconds: float) -> None:
         worker.join()
 
 
-def run(concurrency: int, processes: int, duration: float, hosts: int) -> tuple:
+def run(concurrency: int, processes: int, duration: float, hosts: int, pipelined: bool = False) -> tuple:
     """Totals over ``hosts`` host processes: rows/s, mean batch, host cores, host CPU per request."""
     paths = [tempfile.mktemp(prefix="onebox-host-", suffix=".sock") for _ in range(hosts)]
     report = multiprocessing.Queue()
@@ -109,7 +126,9 @@ def run(concurrency: int, processes: int, duration: float, hosts: int) -> tuple:
     for path in paths:
         ready = multiprocessing.Event()
         procs.append(
-            multiprocessing.Process(target=host_main, args=(path, ready, report, duration - 2), daemon=True)
+            multiprocessing.Process(
+                target=host_main, args=(path, ready, report, duration - 2, pipelined), daemon=True
+            )
         )
         procs[-1].start()
         ready.wait(30)
@@ -134,16 +153,23 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--hosts", default="1,2", help="host processes feeding the one device stand-in")
+    parser.add_argument(
+        "--pipeline", default="on", help="on, off or off,on: answer a batch while the next runs"
+    )
     args = parser.parse_args(argv)
     print(f"device stand-in: {FIXED_MS} ms + {PER_IMAGE_MS} ms per image (ceiling at batch 128: "
           f"{128 / (FIXED_MS + PER_IMAGE_MS * 128) * 1000:.0f} img/s)")  # fmt: skip
-    print("hosts conc | rows/s  mean batch | host cores  host CPU per request")
+    print("pipeline hosts conc | rows/s  mean batch | host cores  host CPU per request")
     for hosts in (int(h) for h in args.hosts.split(",")):
         for conc in (int(c) for c in args.concurrency.split(",")):
-            rows_s, batch, cores, per_request = run(conc, args.processes, args.duration, hosts)
-            print(
-                f"{hosts:5d} {conc:4d} | {rows_s:6.0f}  {batch:10.1f} | {cores:10.2f}  {per_request * 1e6:8.0f} us"
-            )
+            for pipeline in args.pipeline.split(","):
+                rows_s, batch, cores, per_request = run(
+                    conc, args.processes, args.duration, hosts, pipeline == "on"
+                )
+                print(
+                    f"{pipeline:>8} {hosts:5d} {conc:4d} | {rows_s:6.0f}  {batch:10.1f} | {cores:10.2f}"
+                    f"  {per_request * 1e6:8.0f} us"
+                )
     return 0
 
 

@@ -7,6 +7,7 @@ that probing and detection run on a host that lacks the framework.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,6 +38,9 @@ class Handler(abc.ABC):
     signature: Signature = Signature()
     #: batches the loaded model can run at once: the batcher's default ``concurrent_batches``
     concurrent_batches: int = 1
+    #: True when :meth:`launch` returns while the device still computes: the batcher then
+    #: answers one batch while the next one runs (``pipeline`` in onebox.toml)
+    pipelined: bool = False
 
     @classmethod
     def probe(cls, model_dir: Path) -> Artifact | None:
@@ -56,6 +60,21 @@ class Handler(abc.ABC):
     def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch: named arrays in, named arrays out, same leading size."""
         raise NotImplementedError(f"{self.name} takes raw requests, not tensors")
+
+    def launch(self, inputs: Tensors) -> Callable[[], Tensors]:
+        """Start one batch; the returned function waits for it and gives its outputs.
+
+        By default the batch runs here (``predict``) and the function only hands its outputs over.
+        """
+        outputs = self.predict(inputs)
+        return lambda: outputs
+
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """An array to assemble the next batch's input ``name`` in (pinned memory, say), or None.
+
+        Asked for by a pipelined batcher only, when no batch of this model is being launched.
+        """
+        return None
 
     def invoke_raw(self, request: RawRequest) -> RawResponse:
         """Handle one undecoded request (user scripts only)."""

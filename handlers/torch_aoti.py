@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from handlers.base import Handler, batch_signature
 from handlers.torch_common import PRECISIONS, TorchRunner, check_batch, output_names, release_cuda_memory
@@ -86,15 +89,24 @@ class AotiHandler(Handler):
             cast_inputs=False,
         )
         self.concurrent_batches = self.runner.concurrency
+        self.pipelined = self.runner.pipelined
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch after checking it matches the compiled shapes."""
+        return self.launch(inputs)()
+
+    def launch(self, inputs: Tensors) -> Callable[[], Tensors]:
+        """Start one batch (on CUDA without waiting for it) after checking its shapes."""
         check_batch(self.signature, inputs)
         converted = {
             s.name: inputs[s.name].astype(s.dtype, copy=False) if s.name in inputs else None
             for s in self.signature.inputs
         }
-        return self.runner({k: v for k, v in converted.items() if v is not None})
+        return self.runner.launch({k: v for k, v in converted.items() if v is not None})
+
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """The runner's pinned staging buffer to assemble the next batch in (CUDA, one lane)."""
+        return self.runner.input_buffer(name, shape, dtype)
 
     def unload(self) -> None:
         """Drop the compiled model and release cached device memory."""

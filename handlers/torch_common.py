@@ -9,6 +9,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 
@@ -133,11 +135,17 @@ class TorchRunner:
         # batches this runner takes at once; the batcher runs as many worker threads
         self.concurrency = config.concurrent_batches or 1
         self.sync = config.cuda_sync
+        # launch() returns before the GPU is done: the batcher answers a batch while the next runs
+        self.pipelined = self.cuda and config.pipeline
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
         for _ in range(self.concurrency if self.cuda else 0):
             stream = torch.cuda.Stream(self.device) if self.concurrency > 1 else None
             done = torch.cuda.Event(blocking=True)
             self._lanes.put(_Lane(stream, torch.cuda.graph_pool_handle(), done))
+        # the lane when there is one: input_buffer hands out its staging buffers
+        self._lane = self._lanes.get() if self.cuda and self.concurrency == 1 else None
+        if self._lane is not None:
+            self._lanes.put(self._lane)
         self._captured: set[tuple] = set()  # shapes captured in every lane
         self._capture_lock = threading.Lock()
 
@@ -145,23 +153,34 @@ class TorchRunner:
         """Run one batch; outputs are named by :func:`output_names` unless the model returns a dict."""
         import torch
 
+        arrays = self._arrays(inputs)
+        if self.cuda:
+            return self._launch_cuda(arrays)()
+        with torch.inference_mode():
+            out = self.fn(*[self._cast(torch.from_numpy(a)) for a in arrays])
+            return self._to_numpy(flatten_outputs(out), _names_for(out))
+
+    def launch(self, inputs: Tensors) -> Callable[[], Tensors]:
+        """Start one batch on the GPU; the returned function waits for it and gives its outputs.
+
+        The batch holds a lane (stream, staging, graphs) until its outputs are collected, so the
+        caller must collect every launch, and launch no more than ``concurrency`` ahead of it.
+        On the CPU the batch runs here and the function only hands its outputs over.
+        """
+        arrays = self._arrays(inputs)
+        if self.cuda:
+            return self._launch_cuda(arrays)
+        outputs = self(inputs)
+        return lambda: outputs
+
+    def _arrays(self, inputs: Tensors) -> list[np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise BadRequest(f"missing input(s) {missing}; the model takes {self.input_names}")
-        arrays = [np.ascontiguousarray(inputs[n]) for n in self.input_names]
-        with torch.inference_mode():
-            try:
-                if not self.cuda:
-                    out = self.fn(*[self._cast(torch.from_numpy(a)) for a in arrays])
-                    return self._to_host(flatten_outputs(out), _names_for(out))
-                return self._run_cuda(arrays)
-            except torch.OutOfMemoryError as exc:
-                torch.cuda.empty_cache()
-                raise InsufficientMemory(
-                    f"out of device memory running a batch on {self.device}: {str(exc).splitlines()[0]}"
-                ) from None
+        return [np.ascontiguousarray(inputs[n]) for n in self.input_names]
 
-    def _run_cuda(self, arrays: list[np.ndarray]) -> Tensors:
+    def _launch_cuda(self, arrays: list[np.ndarray]) -> Callable[[], Tensors]:
+        """Copies in, the model (a graph replay or eager) and copies out, queued on a lane's stream."""
         import contextlib
 
         import torch
@@ -169,19 +188,36 @@ class TorchRunner:
         key = tuple((a.shape, a.dtype.str) for a in arrays)
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         graphed = bool(arrays) and arrays[0].ndim > 0 and rows in self.graph_sizes
-        if graphed and key not in self._captured:
-            self._capture_everywhere(key, arrays)
-        lane = self._lanes.get()
+        with torch.inference_mode(), _out_of_memory(self.device):
+            if graphed and key not in self._captured:
+                self._capture_everywhere(key, arrays)
+            lane = self._lanes.get()
+            try:
+                with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
+                    if graphed:
+                        static_in, outs, graph, names = lane.graphs[key]
+                        for i, a in enumerate(arrays):  # pinned staging straight into the captured input
+                            static_in[i].copy_(self._staged(lane, a, i), non_blocking=True)
+                        graph.replay()
+                    else:
+                        out = self.fn(*[self._to_device(lane, a, i) for i, a in enumerate(arrays)])
+                        outs, names = flatten_outputs(out), _names_for(out)
+                    host = [t.to("cpu", non_blocking=True) for t in outs]
+                    stream = torch.cuda.current_stream(self.device)  # the lane's
+                    lane.done.record(stream)
+            except BaseException:
+                self._lanes.put(lane)
+                raise
+        return partial(self._collect, lane, stream, host, names, rows)
+
+    def _collect(self, lane: _Lane, stream, host: list, names: list[str], rows: int) -> Tensors:
+        """Wait for a launched batch, then its outputs as numpy; the lane is free again after."""
+        import torch
+
         try:
-            with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
-                if graphed:
-                    static_in, static_out, graph, names = lane.graphs[key]
-                    for i, a in enumerate(arrays):  # pinned staging straight into the captured input
-                        static_in[i].copy_(self._staged(lane, a, i), non_blocking=True)
-                    graph.replay()
-                    return self._to_host(static_out, names, lane, rows)
-                out = self.fn(*[self._to_device(lane, a, i) for i, a in enumerate(arrays)])
-                return self._to_host(flatten_outputs(out), _names_for(out), lane, rows)
+            with torch.inference_mode(), _out_of_memory(self.device):
+                self._wait(lane, stream, rows)
+                return self._to_numpy(host, names)
         finally:
             self._lanes.put(lane)
 
@@ -202,16 +238,36 @@ class TorchRunner:
                 for lane in lanes:
                     self._lanes.put(lane)
 
-    def _staged(self, lane: _Lane, array: np.ndarray, slot: int):
-        """``array`` copied into the lane's pinned host buffer for this slot, shape and dtype."""
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """The pinned staging buffer of input ``name`` for a batch of this shape, to assemble it in.
+
+        A batch built in it skips the copy into pinned memory (``_staged`` sees it is already
+        there). Only with one lane, and only for a caller that builds the next batch when the
+        last one's inputs have reached the GPU (the pipelined batcher); None otherwise.
+        """
+        if self._lane is None or name not in self.input_names:
+            return None
+        slot = self.input_names.index(name)
+        return self._staging(self._lane, slot, tuple(shape), np.dtype(dtype)).numpy()
+
+    def _staging(self, lane: _Lane, slot: int, shape: tuple[int, ...], dtype: np.dtype):
+        """The lane's pinned host buffer for this input slot, shape and dtype (made once)."""
         import torch
 
-        tensor = torch.from_numpy(array)
-        key = (slot, array.shape, array.dtype.str)
+        key = (slot, shape, dtype.str)
         buf = lane.staging.get(key)
         if buf is None:
-            buf = lane.staging[key] = torch.empty(array.shape, dtype=tensor.dtype, pin_memory=True)
-        buf.copy_(tensor)
+            torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+            buf = lane.staging[key] = torch.empty(shape, dtype=torch_dtype, pin_memory=True)
+        return buf
+
+    def _staged(self, lane: _Lane, array: np.ndarray, slot: int):
+        """``array`` in the lane's pinned host buffer for this slot: copied there unless built there."""
+        import torch
+
+        buf = self._staging(lane, slot, array.shape, array.dtype)
+        if buf.data_ptr() != array.ctypes.data:
+            buf.copy_(torch.from_numpy(array))
         return buf
 
     def _to_device(self, lane: _Lane, array: np.ndarray, slot: int):
@@ -223,22 +279,19 @@ class TorchRunner:
             tensor = tensor.to(self.dtype)
         return tensor
 
-    def _to_host(self, tensors: list, names: list[str], lane: _Lane | None = None, rows: int = 1) -> Tensors:
-        """Outputs copied to numpy; on CUDA (``lane`` given) after waiting for the batch of ``rows``."""
+    def _to_numpy(self, tensors: list, names: list[str]) -> Tensors:
+        """Host tensors as numpy, floating outputs as float32 (copied out of pinned memory on CUDA)."""
         import torch
 
-        host = [t.to("cpu", non_blocking=self.cuda) for t in tensors]
-        if lane is not None:
-            self._wait(lane, rows)
         out = {}
-        for name, t in zip(names, host, strict=True):
+        for name, t in zip(names, tensors, strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:
                 t = t.float()
             out[name] = t.numpy().copy() if self.cuda else t.numpy()
         return out
 
-    def _wait(self, lane: _Lane, rows: int) -> None:
-        """Wait for the lane's stream: spinning on it, or sleeping on a blocking-sync event.
+    def _wait(self, lane: _Lane, stream, rows: int) -> None:
+        """Wait for the lane's batch: spinning on its stream, or sleeping on a blocking-sync event.
 
         CUDA's default wait spins a core for the whole batch (the driver spins while a process
         has fewer contexts than the machine has CPUs), and with several hosts those spinning
@@ -246,20 +299,30 @@ class TorchRunner:
         event sleeps, at the price of a wake-up. ``auto`` spins for a batch of one row, where
         the wake-up would be added to every request of an idle server, and sleeps otherwise.
         """
-        import torch
-
-        stream = torch.cuda.current_stream(self.device)  # the lane's stream
         if self.sync == "spin" or (self.sync == "auto" and rows <= 1):
             stream.synchronize()
-            return
-        lane.done.record(stream)
-        lane.done.synchronize()
+        else:
+            lane.done.synchronize()
 
     def _capture(self, lane: _Lane, static_in: list):
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""
         graph, out = capture_graph(self.fn, static_in, self.device, pool=lane.pool)
         log.info("captured a CUDA graph for input shapes %s", [tuple(t.shape) for t in static_in])
         return static_in, flatten_outputs(out), graph, _names_for(out)
+
+
+@contextmanager
+def _out_of_memory(device):
+    """A CUDA out-of-memory error as ``InsufficientMemory`` (507), the cache emptied for the next batch."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise InsufficientMemory(
+            f"out of device memory running a batch on {device}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def capture_graph(fn: Callable, static_in: list, device, pool=None) -> tuple:

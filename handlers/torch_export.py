@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from handlers.base import Handler
 from handlers.torch_common import (
@@ -96,11 +99,20 @@ class TorchExportHandler(Handler):
             module, device, config, [s.name for s in self.signature.inputs], graph_sizes=sizes
         )
         self.concurrent_batches = self.runner.concurrency
+        self.pipelined = self.runner.pipelined
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run the program on one batch (its guards reject shapes it was not exported for)."""
+        return self.launch(inputs)()
+
+    def launch(self, inputs: Tensors) -> Callable[[], Tensors]:
+        """Start the program on one batch (on CUDA without waiting for it)."""
         check_batch(self.signature, inputs)
-        return self.runner(inputs)
+        return self.runner.launch(inputs)
+
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """The runner's pinned staging buffer to assemble the next batch in (CUDA, one lane)."""
+        return self.runner.input_buffer(name, shape, dtype)
 
     def unload(self) -> None:
         """Drop the program and release cached device memory."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+
+import numpy as np
 
 from handlers.base import Handler, batch_signature
 from handlers.torch_common import (
@@ -39,6 +42,7 @@ class TorchScriptHandler(Handler):
         sizes = signature.batch_sizes or config.batch_sizes
         self.runner = TorchRunner(module, device, config, [s.name for s in inputs], graph_sizes=sizes)
         self.concurrent_batches = self.runner.concurrency
+        self.pipelined = self.runner.pipelined
         outputs = declared_specs(config, "outputs")
         if outputs is None and declared:
             outputs = outputs_from_sample(self.runner, signature)
@@ -52,6 +56,14 @@ class TorchScriptHandler(Handler):
     def predict(self, inputs: Tensors) -> Tensors:
         """Run ``forward`` on one batch."""
         return self.runner(inputs)
+
+    def launch(self, inputs: Tensors) -> Callable[[], Tensors]:
+        """Start ``forward`` on one batch (on CUDA without waiting for it)."""
+        return self.runner.launch(inputs)
+
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """The runner's pinned staging buffer to assemble the next batch in (CUDA, one lane)."""
+        return self.runner.input_buffer(name, shape, dtype)
 
     def unload(self) -> None:
         """Drop the module and release cached device memory."""

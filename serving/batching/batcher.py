@@ -9,10 +9,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import InvalidStateError
+from functools import partial
 
 from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
 from serving.batching.shaping import (
+    Allocate,
     check_outputs,
     concatenate,
     count_rows,
@@ -70,6 +72,25 @@ class _Request:
 
 # (request, first row, end row) of one request's share of a batch
 _Part = tuple[_Request, int, int]
+#: starts a batch on the device and returns what waits for its outputs (see ``Batcher``)
+Launch = Callable[[Tensors], Callable[[], Tensors]]
+
+
+class _Flight:
+    """One batch from its launch to its answers: parts, padding, and its outputs or error."""
+
+    __slots__ = ("parts", "rows", "size", "whole", "queue_times", "began", "collect", "outputs", "error")
+
+    def __init__(self, parts: list[_Part], rows: int, size: int, whole: bool, queue_times: tuple):
+        self.parts = parts
+        self.rows = rows
+        self.size = size
+        self.whole = whole  # one whole request, unpadded: its outputs go back as they are
+        self.queue_times = queue_times
+        self.began = 0.0
+        self.collect: Callable[[], Tensors] | None = None
+        self.outputs: Tensors | None = None
+        self.error: ServingError | None = None
 
 
 class Batcher:
@@ -78,6 +99,14 @@ class Batcher:
     ``submit`` never blocks on the runner: it validates, enqueues and returns a future. Batches
     run on ``policy.concurrent_batches`` worker threads (one by default); with two, one batch's
     host-side work (concatenating, copying, answering) overlaps the other's device compute.
+
+    ``launch``, for a runner that computes on a device while the host goes on (CUDA), starts a
+    batch and returns a function that waits for its outputs. With it, and one batch at a time,
+    the worker pipelines: when batch N's outputs are back it launches batch N+1 from what queued
+    meanwhile, and only then answers batch N's requests, so the answers (and the next requests
+    they let in) cost no device time. The device still runs one batch at a time.
+    ``allocate`` (used only then, when no batch is in the runner) may hand out the arrays a
+    batch is assembled in, such as the runner's pinned staging buffers: one copy fewer per batch.
     """
 
     def __init__(
@@ -85,12 +114,16 @@ class Batcher:
         run: Callable[[Tensors], Tensors],
         policy: BatchPolicy,
         *,
+        launch: Launch | None = None,
+        allocate: Allocate | None = None,
         observe: Callable[[BatchStats], None] | None = None,
         name: str = "model",
         clock: Callable[[], float] = time.time,
     ):
         policy.validate()
         self._run = run
+        self._launch = launch if policy.concurrent_batches == 1 else None
+        self._allocate = allocate if self._launch is not None else None
         self._policy = policy
         self._observe = observe
         self._name = name
@@ -106,8 +139,9 @@ class Batcher:
         self._parts_lock = threading.Lock()
         self._concurrency = policy.concurrent_batches
         self._running = 0  # batches in the runner now, on workers or on callers' threads
+        loop = self._loop if self._launch is None else self._pipeline_loop
         self._threads = [
-            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            threading.Thread(target=loop, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.concurrent_batches)
         ]
         for thread in self._threads:
@@ -188,6 +222,43 @@ class Batcher:
                 return
             self._execute_counted(parts)
 
+    def _pipeline_loop(self) -> None:
+        """One worker, at most one batch on the device: launch N+1 before answering N."""
+        flight: _Flight | None = None
+        while True:
+            if flight is not None:
+                self._guarded(self._await, flight)  # the device finishes N; the GIL is free meanwhile
+                if flight.error is not None:
+                    # failed: answer at once, so the rest of a split request is not launched
+                    self._guarded(self._finish, flight)
+            with self._cond:
+                if flight is not None:
+                    self._running -= 1
+                parts = self._next_batch(block=flight is None)
+                if parts is not None:
+                    self._running += 1
+            if parts is None and flight is None:
+                return
+            launched = None
+            if parts is not None:
+                launched = self._guarded(self._begin, parts)
+                if launched is None:  # a bug, already failed and logged: the runner is free again
+                    with self._cond:
+                        self._running -= 1
+            if flight is not None and flight.error is None:
+                self._guarded(self._finish, flight)  # N's answers while N+1 runs
+            flight = launched
+
+    def _guarded(self, step: Callable, arg):
+        """``step(arg)``; a bug in it fails the batch's requests instead of killing the worker."""
+        try:
+            return step(arg)
+        except Exception as exc:
+            log.exception("batcher %s failed to handle a batch", self._name)
+            parts = arg.parts if isinstance(arg, _Flight) else arg
+            self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
+            return None
+
     def _run_inline(self, request: _Request) -> None:
         if request.deadline <= self._clock() or not request.future.set_running_or_notify_cancel():
             with self._cond:
@@ -211,23 +282,30 @@ class Batcher:
                 if self._queue:
                     self._cond.notify()
 
-    def _next_batch(self) -> list[_Part] | None:
-        """Wait (holding the lock) for the next batch; None once closed and empty."""
+    def _next_batch(self, block: bool = True) -> list[_Part] | None:
+        """Wait (holding the lock) for the next batch; None once closed and empty.
+
+        Without ``block``: the batch that can start now, or None at once.
+        """
         while True:
             now = self._clock()
             head = self._live_head(now)
             if head is None:
-                if self._closing and not self._running:
+                if not block or (self._closing and not self._running):
                     return None
                 self._cond.wait(None if not self._closing else 0.05)
                 continue
             if self._running >= self._concurrency:
+                if not block:
+                    return None
                 self._cond.wait()  # a batch (maybe on a caller's thread) holds the runner
                 continue
             if self._delay and not self._closing and self._rows_by_key[head.key] < self._cap:
                 # Only a positive max_delay_ms ever holds a batch back to let it fill.
                 left = head.submitted + self._delay - now
                 if left > 0:
+                    if not block:
+                        return None
                     self._cond.wait(left)
                     continue
             parts = self._take(head.key, now)
@@ -304,36 +382,64 @@ class Batcher:
 
     def _execute(self, parts: list[_Part]) -> None:
         """Run one batch and hand every request its rows, or the batch's error."""
+        flight = self._begin(parts)
+        self._await(flight)
+        self._finish(flight)
+
+    def _begin(self, parts: list[_Part]) -> _Flight:
+        """Build the batch and start it: launched (pipelined) or run to the end."""
         start = self._clock()
         queue_times = tuple(start - request.submitted for request, _, _ in parts)
         rows = sum(stop - first for _, first, stop in parts)
         size = padded_size(rows, self._policy.batch_sizes)
         first_request, first, stop = parts[0]
-        passthrough = not self._policy.splittable or (
-            len(parts) == 1 and size == rows and stop - first == first_request.rows
-        )
-        if passthrough:
+        whole = len(parts) == 1 and size == rows and stop - first == first_request.rows
+        if not self._policy.splittable or whole:
             batch = first_request.inputs
         else:
-            batch = concatenate([take_rows(request.inputs, a, b) for request, a, b in parts], size)
-        error: ServingError | None = None
-        began = self._clock()
+            pieces = [take_rows(request.inputs, a, b) for request, a, b in parts]
+            batch = concatenate(pieces, size, self._allocate)
+        flight = _Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
+        flight.began = self._clock()
         try:
-            outputs = self._run(batch)
-            if self._policy.splittable:
-                outputs = check_outputs(outputs, size)
+            if self._launch is not None:
+                flight.collect = self._launch(batch)
+            else:
+                flight.collect = partial(self._run, batch)
         except ServingError as exc:
-            error = exc
+            flight.error = exc
         except Exception as exc:
-            error = ModelError(f"{type(exc).__name__}: {exc}")
-        compute = self._clock() - began
+            flight.error = ModelError(f"{type(exc).__name__}: {exc}")
+        return flight
+
+    def _await(self, flight: _Flight) -> None:
+        """Wait for the batch's outputs (or its error) and report its stats."""
+        if flight.error is None:
+            try:
+                outputs = flight.collect()
+                if self._policy.splittable:
+                    outputs = check_outputs(outputs, flight.size)
+                flight.outputs = outputs
+            except ServingError as exc:
+                flight.error = exc
+            except Exception as exc:
+                flight.error = ModelError(f"{type(exc).__name__}: {exc}")
+        flight.collect = None
+        compute = self._clock() - flight.began
         self._compute_avg += _EMA_WEIGHT * (compute - self._compute_avg)
-        self._report(BatchStats(rows, size - rows, len(parts), queue_times, compute))
-        if error is not None:
-            self._fail(parts, error)
+        self._report(
+            BatchStats(flight.rows, flight.size - flight.rows, len(flight.parts), flight.queue_times, compute)
+        )
+
+    def _finish(self, flight: _Flight) -> None:
+        """Hand every request of the batch its rows, or the batch's error."""
+        parts, outputs = flight.parts, flight.outputs
+        if flight.error is not None or outputs is None:
+            self._fail(parts, flight.error or ModelError("the batch gave no outputs"))
             return
-        if passthrough or (len(parts) == 1 and size == rows):
-            self._deliver(first_request, first, stop, outputs)
+        if flight.whole or (len(parts) == 1 and flight.size == flight.rows):
+            request, first, stop = parts[0]
+            self._deliver(request, first, stop, outputs)
             return
         offset = 0
         for request, a, b in parts:

@@ -6,7 +6,7 @@ All of them work on ``Tensors`` (name -> array) whose first dimension is the bat
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -56,12 +56,19 @@ def take_rows(tensors: Tensors, start: int, stop: int, *, copy: bool = False) ->
     return {name: array[start:stop] for name, array in tensors.items()}
 
 
-def concatenate(parts: Sequence[Tensors], size: int | None = None) -> Tensors:
+#: ``allocate(name, shape, dtype)``: an array to assemble input ``name`` of a batch in, or None
+Allocate = Callable[[str, tuple[int, ...], np.dtype], "np.ndarray | None"]
+
+
+def concatenate(
+    parts: Sequence[Tensors], size: int | None = None, allocate: Allocate | None = None
+) -> Tensors:
     """Join ``parts`` row-wise in order and pad to ``size`` rows by repeating the last row.
 
     Repeating a real row (rather than zeros) keeps the padding a valid input for models that
     would choke on zeros (a division by a norm, an embedding index); it is sliced off anyway.
     One ``np.concatenate`` per input; a lone part with nothing to pad is returned as it is.
+    ``allocate`` may supply the arrays to join into (a runner's pinned staging buffers).
     """
     rows = sum(_leading(part) for part in parts)
     pad = (rows if size is None else size) - rows
@@ -75,7 +82,10 @@ def concatenate(parts: Sequence[Tensors], size: int | None = None) -> Tensors:
         last = arrays[-1]
         # an explicit C-ordered output: np.concatenate with a broadcast padding part picks a
         # non-contiguous layout, which the runner then copies once more (9.6 MB per 64-image batch)
-        out = np.empty((rows + pad, *last.shape[1:]), dtype=np.result_type(*arrays))
+        shape, dtype = (rows + pad, *last.shape[1:]), np.result_type(*arrays)
+        out = allocate(name, shape, dtype) if allocate is not None else None
+        if out is None or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+            out = np.empty(shape, dtype=dtype)
         np.concatenate(arrays, out=out[:rows])
         if pad:
             out[rows:] = last[-1:]

@@ -10,6 +10,7 @@ Example ``onebox.toml``::
     timeout_s = 10
     precision = "fp16"
     cuda_sync = "auto"           # spin | block | auto: how a host thread waits for a CUDA batch
+    pipeline = true              # answer a batch while the next one runs on the GPU (torch, CUDA)
     [[inputs]]                   # declare a signature the artifact does not carry (TorchScript)
     name = "x"
     dtype = "float32"
@@ -42,6 +43,7 @@ _TYPES = {
     "threads": int,
     "concurrent_batches": int,
     "cuda_sync": str,
+    "pipeline": bool,
 }
 CUDA_SYNC = ("auto", "spin", "block")
 

@@ -114,11 +114,14 @@ class ModelRegistry:
         policy = batch_policy(
             config, handler.signature, raw=handler.raw, concurrency=handler.concurrent_batches
         )
-        run = handler.predict
+        run, launch = handler.predict, handler.launch if handler.pipelined else None
         if handler.raw and not config.batch:
             model.serial = _SerialScript(handler)
-            run = model.serial.run
-        model.batcher = Batcher(run, policy, name=model.name, observe=self._observer(model.name))
+            run, launch = model.serial.run, None
+        allocate = handler.input_buffer if launch is not None else None
+        model.batcher = Batcher(
+            run, policy, launch=launch, allocate=allocate, name=model.name, observe=self._observer(model.name)
+        )
         if config.warmup and not handler.raw:
             handler.warmup(warmup_sizes(policy))
 

@@ -37,16 +37,29 @@ class Runner:
             return [len(next(iter(batch.values()))) for batch in self.batches]
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.launch(inputs)()
+
+    def launch(self, inputs: dict[str, np.ndarray]):
+        """Start a batch as a device would: recorded now, computed (and held) when collected."""
         with self._lock:
             self.batches.append({name: array.copy() for name, array in inputs.items()})
         self.started.set()
         gate, self._gate = self._gate, None
-        if gate is not None:
-            assert gate.wait(10), "test never released the held batch"
-        outputs = {"y": transform(inputs["x"])}
-        with self._lock:
-            self.outputs.append(outputs)
-        return outputs
+
+        def collect() -> dict[str, np.ndarray]:
+            if gate is not None:
+                assert gate.wait(10), "test never released the held batch"
+            outputs = {"y": transform(inputs["x"])}
+            with self._lock:
+                self.outputs.append(outputs)
+            return outputs
+
+        return collect
+
+
+def lazy_launch(run):
+    """A ``launch`` for a plain ``run``: the batch is computed when its outputs are collected."""
+    return lambda inputs: lambda: run(inputs)
 
 
 class ManualClock:

@@ -21,7 +21,7 @@ from serving.errors import (
     PayloadTooLarge,
     QueueFull,
 )
-from tests.batching.fakes import transform
+from tests.batching.fakes import lazy_launch, transform
 
 FAR = 1e12  # a deadline that never passes
 WAIT = 10  # seconds to wait for a future before calling the test hung
@@ -36,11 +36,14 @@ def expected(inputs: dict[str, np.ndarray]) -> np.ndarray:
     return transform(inputs["x"])
 
 
-@pytest.fixture
-def make(runner):
+@pytest.fixture(params=["serial", "pipelined"])
+def make(runner, request):
+    """Batchers of both kinds: every test below runs with a plain ``run`` and with ``launch``."""
     made: list[Batcher] = []
 
     def build(policy: BatchPolicy, run=None, **kwargs) -> Batcher:
+        if request.param == "pipelined":
+            kwargs["launch"] = runner.launch if run is None else lazy_launch(run)
         batcher = Batcher(run or runner, policy, **kwargs)
         made.append(batcher)
         return batcher
@@ -471,3 +474,133 @@ def test_run_here_with_a_delay_or_a_backlog_does_not_jump_the_queue():
     future.result(5)
     assert seen and seen[0] is not threading.current_thread()
     batcher.close()
+
+
+# --- pipelining (``launch``): the next batch starts before the last one is answered ----------
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_pipelined_batcher_launches_the_next_batch_before_answering_the_last(runner, pipelined):
+    events: list[str] = []
+
+    def launch(inputs):
+        events.append(f"launch {len(inputs['x'])}")
+        return runner.launch(inputs)
+
+    def run(inputs):
+        events.append(f"launch {len(inputs['x'])}")
+        return runner(inputs)
+
+    batcher = Batcher(run, BatchPolicy(max_batch_size=4), launch=launch if pipelined else None)
+    try:
+        first = hold_first_batch(batcher, runner)
+        first.add_done_callback(lambda _: events.append("answer first"))
+        later = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
+        runner.release()
+        for future in [first, *later]:
+            future.result(WAIT)
+    finally:
+        batcher.close()
+    if pipelined:  # the second batch was on the device while the first one's answers went out
+        assert events == ["launch 1", "launch 2", "answer first"]
+    else:
+        assert events == ["launch 1", "answer first", "launch 2"]
+
+
+def test_a_launch_that_fails_fails_its_batch_only_and_the_last_batch_is_still_answered(runner):
+    calls = []
+
+    def launch(inputs):
+        calls.append(len(inputs["x"]))
+        if len(calls) == 2:
+            raise BadRequest("input 'x' has the wrong shape")
+        return runner.launch(inputs)
+
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=4), launch=launch)
+    try:
+        runner.hold()
+        first = batcher.submit(rows(1, start=7), FAR)
+        assert runner.started.wait(WAIT)
+        refused = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
+        runner.release()
+        assert np.array_equal(first.result(WAIT)["y"], expected(rows(1, start=7)))
+        for future in refused:
+            assert isinstance(future.exception(WAIT), BadRequest)
+        after = batcher.submit(rows(2, start=3), FAR)
+        assert np.array_equal(after.result(WAIT)["y"], expected(rows(2, start=3)))
+    finally:
+        batcher.close()
+    assert calls == [1, 2, 2]
+
+
+def test_a_pipelined_batcher_answers_a_lone_request_without_waiting_for_another(runner):
+    # nothing queued behind it: the worker must not hold its answer back for a next batch
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=8), launch=runner.launch)
+    try:
+        for i in range(3):
+            assert np.array_equal(
+                batcher.submit(rows(1, start=i), FAR).result(WAIT)["y"], expected(rows(1, start=i))
+            )
+    finally:
+        batcher.close()
+    assert runner.sizes == [1, 1, 1]
+
+
+def test_with_two_batches_at_once_launch_is_not_used(runner):
+    launched = []
+    batcher = Batcher(
+        runner,
+        BatchPolicy(max_batch_size=4, concurrent_batches=2),
+        launch=lambda inputs: launched.append(inputs) or runner.launch(inputs),
+    )
+    try:
+        assert batcher.submit(rows(2), FAR).result(WAIT)["y"].shape == (2, 3)
+    finally:
+        batcher.close()
+    assert launched == []
+
+
+def test_a_pipelined_batcher_assembles_batches_in_allocated_buffers_only_while_the_runner_is_free(runner):
+    # one buffer per shape, reused for every batch, as a runner's pinned staging buffers are: the
+    # fake computes a batch when it is collected, so a buffer handed out while the last batch was
+    # still in the runner would have its inputs overwritten and give wrong answers
+    buffers: dict[tuple, np.ndarray] = {}
+    handed = []
+
+    def allocate(name, shape, dtype):
+        handed.append(shape[0])
+        return buffers.setdefault((name, shape, np.dtype(dtype).str), np.empty(shape, dtype))
+
+    batcher = Batcher(
+        runner, BatchPolicy(max_batch_size=4, max_queue=256), launch=runner.launch, allocate=allocate
+    )
+    try:
+        futures = []
+        for round_ in range(6):
+            runner.hold()
+            futures.append(batcher.submit(rows(1, start=100 + round_), FAR))
+            futures += [batcher.submit(rows(1, start=10 * round_ + i), FAR) for i in range(3)]
+            runner.release()
+        results = [future.result(WAIT)["y"] for future in futures]
+    finally:
+        batcher.close()
+    expected_rows = []
+    for round_ in range(6):
+        expected_rows += [rows(1, start=100 + round_)] + [rows(1, start=10 * round_ + i) for i in range(3)]
+    for got, inputs in zip(results, expected_rows, strict=True):
+        assert np.array_equal(got, expected(inputs))
+    assert handed and max(handed) > 1  # batches of several requests were built in the buffers
+
+
+def test_allocate_is_not_used_without_pipelining(runner):
+    handed = []
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=4), allocate=lambda *args: handed.append(args))
+    try:
+        first = hold_first_batch(batcher, runner)
+        later = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
+        runner.release()
+        for future in [first, *later]:
+            future.result(WAIT)
+    finally:
+        batcher.close()
+    assert runner.sizes == [1, 2] and handed == []

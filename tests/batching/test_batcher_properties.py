@@ -47,11 +47,17 @@ requests = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(policy=policies(), plan=requests)
-def test_every_request_gets_exactly_its_own_rows_transformed(policy, plan):
+@given(policy=policies(), plan=requests, pipelined=st.booleans())
+def test_every_request_gets_exactly_its_own_rows_transformed(policy, plan, pipelined):
     runner = Runner()
     seen: list[BatchStats] = []
-    batcher = Batcher(runner, policy, observe=seen.append)
+    launch = runner.launch if pipelined else None  # pipelines when one batch runs at a time
+    buffers: dict = {}  # one per shape, reused by every batch, as a runner's staging buffers are
+
+    def allocate(name, shape, dtype):
+        return buffers.setdefault((name, shape, dtype.str), np.empty(shape, dtype))
+
+    batcher = Batcher(runner, policy, launch=launch, allocate=allocate, observe=seen.append)
     futures: dict[int, object] = {}
     inputs: dict[int, np.ndarray] = {}
     for index, (count, width, _, _) in enumerate(plan):

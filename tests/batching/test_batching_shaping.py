@@ -81,6 +81,26 @@ def test_a_padded_batch_is_c_contiguous_so_the_runner_need_not_copy_it_again():
     assert [int(row.max()) for row in joined] == [0, 1, 1, 1]
 
 
+def test_concatenate_assembles_in_the_arrays_allocate_hands_out():
+    staging = {"x": np.full((4, 2), -1, np.int64), "y": np.zeros((3, 2), np.int64)}
+    asked = []
+
+    def allocate(name, shape, dtype):
+        asked.append((name, shape, np.dtype(dtype)))
+        return staging.get(name)
+
+    parts = [
+        {"x": np.array([[1, 1]]), "y": np.array([[5, 5]])},
+        {"x": np.array([[2, 2]]), "y": np.array([[6, 6]])},
+    ]
+    joined = concatenate(parts, 4, allocate)
+    assert joined["x"] is staging["x"]
+    assert staging["x"].tolist() == [[1, 1], [2, 2], [2, 2], [2, 2]]
+    # a buffer of the wrong shape (or none) is not used: a fresh array is made instead
+    assert joined["y"] is not staging["y"] and joined["y"].tolist() == [[5, 5], [6, 6], [6, 6], [6, 6]]
+    assert asked == [("x", (4, 2), np.dtype(np.int64)), ("y", (4, 2), np.dtype(np.int64))]
+
+
 def test_concatenate_of_a_single_unpadded_part_passes_the_arrays_through():
     array = np.arange(6).reshape(3, 2)
     assert concatenate([{"x": array}])["x"] is array

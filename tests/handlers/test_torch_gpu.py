@@ -121,6 +121,69 @@ def test_two_lanes_run_batches_at_once_and_never_mix_them(torch_artifacts, graph
     assert [len(lane.graphs) for lane in lanes] == ([1, 1] if graphs else [0, 0])
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, graphs):
+    # the host's path on a GPU: batch N+1 is assembled in the lane's pinned staging buffer and
+    # launched before batch N's answers are handed out, so a graph's outputs or a staging
+    # buffer reused too early would mix requests up
+    import threading
+    import time
+
+    from serving.batching import Batcher, BatchPolicy
+
+    class Deep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(256, 256) / 16)
+
+        def forward(self, x):
+            for _ in range(20):
+                x = torch.tanh(x @ self.w)
+            return x
+
+    model = Deep().eval()
+    torch.jit.script(model).save(str(tmp_path / "deep.pt"))
+    sizes = (1, 2, 4, 8, 16, 32)
+    config = ModelConfig(cuda_graphs=graphs, batch_sizes=sizes if graphs else ())
+    handler = loaded(tmp_path / "deep.pt", config)
+    assert handler.pipelined
+    assert not loaded(tmp_path / "deep.pt", ModelConfig(pipeline=False)).pipelined
+    launches = []
+
+    def launch(inputs):
+        launches.append(len(inputs["x"]))
+        return handler.launch(inputs)
+
+    policy = BatchPolicy(max_batch_size=32, batch_sizes=sizes if graphs else (), max_queue=4096)
+    buffer = handler.input_buffer("x", (8, 256), np.dtype(np.float32))
+    assert torch.from_numpy(buffer).is_pinned()  # batches are assembled straight in pinned memory
+    batcher = Batcher(handler.predict, policy, launch=launch, allocate=handler.input_buffer)
+    xs = [
+        np.random.default_rng(seed).standard_normal((1 + seed % 3, 256)).astype(np.float32)
+        for seed in range(600)
+    ]
+    futures = [None] * len(xs)
+
+    def submit(start):
+        for i in range(start, len(xs), 8):
+            futures[i] = batcher.submit({"x": xs[i]}, time.time() + 60)
+            if i % 5 == 0:
+                futures[i].result(60)  # closed-loop callers among open-loop ones: batches of every size
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        for x, future in zip(xs, futures, strict=True):
+            np.testing.assert_allclose(future.result(60)["output"], cpu_reference(model, x), atol=2e-3)
+    finally:
+        batcher.close()
+    assert len(launches) < len(xs) and max(launches) > 3  # requests were batched together
+    handler.unload()
+
+
 def test_out_of_memory_is_507_and_the_handler_keeps_serving(torch_artifacts):
     src, model = torch_artifacts
     handler = loaded(src / "dynamic.pt2")
