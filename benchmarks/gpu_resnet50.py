@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,13 @@ from tests.support.server import Server  # noqa: E402
 
 MAX_BATCH = 128
 # the batch sizes a server with CUDA graphs captures and pads up to (--graphs on)
-GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+# every 8 rows up to 64 and 16 above: a batch is padded by at most 15 rows (with 48, 64, 96 only, the
+# 2-host batches of ~63 rows ran padded to ~80 and served 8683 img/s against 9548; RESULTS.md)
+GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 
-def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: bool = True) -> str:
+def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: bool = True,
+                sizes: tuple[int, ...] = GRAPH_SIZES) -> str:  # fmt: skip
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
     ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``;
@@ -58,7 +62,7 @@ def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pi
         f'cuda_sync = "{sync}"\npipeline = {str(pipeline).lower()}\n'
     )
     if graphs:
-        text += f"cuda_graphs = true\nbatch_sizes = {list(GRAPH_SIZES)}\n"
+        text += f"cuda_graphs = true\nbatch_sizes = {list(sizes)}\n"
     return text + f'[[inputs]]\nname = "x"\ndtype = "{dtype}"\nshape = [-1, 3, 224, 224]\n'
 
 
@@ -263,9 +267,10 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subproces
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1, worker_class: str = "gthread", sync: str = "auto", pipeline: bool = True) -> dict:  # fmt: skip
+           lanes: int = 1, worker_class: str = "gthread", sync: str = "auto", pipeline: bool = True,
+           sizes: tuple[int, ...] = GRAPH_SIZES) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
-    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline))
+    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes))
     label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -309,11 +314,18 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             with GpuSampler(server.proc.pid) as gpu:
                 result = run_load(url, body=body, headers=headers, concurrency=conc, duration_s=duration,
                                   warmup_s=2.0, processes=processes, verify=verify, verify_every=50)  # fmt: skip
-            after = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
-            batches = after[0] - before[0]
-            mean_batch = (after[1] - before[1]) / batches if batches else 0.0
+            ran = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
+            ran.subtract(before)
+            batches = ran["batches"] or 1
+            mean_batch, mean_padded = ran["rows"] / batches, (ran["rows"] + ran["padding"]) / batches
+            small = sum(count for size, count in ran.items() if isinstance(size, int) and size <= 8) / batches
             results[conc] = {
                 "mean_batch": mean_batch,
+                "mean_padded_batch": mean_padded,
+                "small_batches": small,
+                "batch_sizes": {
+                    size: n for size, n in sorted(ran.items(), key=str) if isinstance(size, int) and n
+                },
                 "img_s": result.rps,
                 "p50_ms": result.p50_ms,
                 "p99_ms": result.p99_ms,
@@ -330,25 +342,26 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             print(
                 f"served  {label:18s} {dtype:7s} conc {conc:3d}: {result.rps:9.0f} img/s  p50 {result.p50_ms:7.2f} ms"
                 f"  p99 {result.p99_ms:7.2f} ms  GPU {gpu.mean:5.1f}%  errors {result.errors or 0}"
-                f"  bad {result.verify_failures}  batch {mean_batch:.1f}  cores: host {gpu.cores('host'):.1f} frontends "
+                f"  bad {result.verify_failures}  batch {mean_batch:.1f} (padded {mean_padded:.1f}, {small:.0%} of <=8)  cores: host {gpu.cores('host'):.1f} frontends "
                 f"{gpu.cores('frontend'):.1f} machine {gpu.cores('machine'):.1f}/{os.cpu_count()}",
                 flush=True,
             )
     return results
 
 
-def batch_totals(run_dir: Path) -> tuple[int, int]:
-    """Batches and rows the model has run, summed over every host (their ``stats`` op)."""
-    batches = rows = 0
+def batch_totals(run_dir: Path) -> Counter:
+    """Batches, rows and padding rows the model has run, and batches per padded size (int keys),
+    summed over every host (their ``stats`` op)."""
+    totals: Counter = Counter()
     for entry in read_hosts_file(run_dir):
         client = HostClient(entry["socket"])
         try:
-            totals = client.stats(time.time() + 5)["models"].get("model", {})
+            model = client.stats(time.time() + 5)["models"].get("model", {})
         finally:
             client.close()
-        batches += totals.get("batches", 0)
-        rows += totals.get("rows", 0)
-    return batches, rows
+        totals.update({key: model.get(key, 0) for key in ("batches", "rows", "padding")})
+        totals.update({int(size): count for size, count in model.get("sizes", {}).items()})
+    return totals
 
 
 def main(argv=None) -> int:
@@ -377,6 +390,8 @@ def main(argv=None) -> int:
                         help="concurrent_batches values to serve with (batches in flight per host), e.g. 1,2")  # fmt: skip
     parser.add_argument("--pipeline", type=lambda t: [p == "on" for p in t.split(",")], default=[True],
                         help="pipeline values to serve with: on, off or off,on (answer a batch while the next runs)")  # fmt: skip
+    parser.add_argument("--graph-sizes", type=lambda t: tuple(int(n) for n in t.split(",")), default=GRAPH_SIZES,
+                        help=f"batch_sizes captured with --graphs on (default {','.join(map(str, GRAPH_SIZES))})")  # fmt: skip
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
                         help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
     parser.add_argument(
@@ -411,7 +426,8 @@ def main(argv=None) -> int:
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
-                             hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline)  # fmt: skip
+                             hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
+                             args.graph_sizes)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
                 report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}"] = {
                     "offline": off,

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from serving.batching import BatchStats
@@ -34,6 +35,8 @@ class Host:
         self.started = time.time()
         # per model: [batches, rows, padding rows, requests]; only the batcher threads write
         self._batch_totals: dict[str, list[int]] = {}
+        # per model: batches run at each size, padding included
+        self._batch_sizes: dict[str, Counter[int]] = {}
 
     def _count_batch(self, model: str, stats: BatchStats) -> None:
         totals = self._batch_totals.setdefault(model, [0, 0, 0, 0])
@@ -41,13 +44,21 @@ class Host:
         totals[1] += stats.rows
         totals[2] += stats.padding
         totals[3] += stats.requests
+        sizes = self._batch_sizes.get(model)
+        if sizes is None:
+            sizes = self._batch_sizes[model] = Counter()
+        sizes[stats.rows + stats.padding] += 1
 
-    def batch_stats(self) -> dict[str, dict[str, int]]:
-        """Batches, rows, padding rows and requests each model has run since the host started."""
+    def batch_stats(self) -> dict[str, dict]:
+        """Batches, rows, padding rows and requests each model has run since the host started,
+        and ``sizes``: how many batches ran at each size (padding included; keys are strings)."""
         keys = ("batches", "rows", "padding", "requests")
-        return {
-            name: dict(zip(keys, totals, strict=True)) for name, totals in list(self._batch_totals.items())
-        }
+        stats: dict[str, dict] = {}
+        for name, totals in list(self._batch_totals.items()):
+            stats[name] = dict(zip(keys, totals, strict=True))
+            sizes = self._batch_sizes.get(name, Counter()).copy()
+            stats[name]["sizes"] = {str(size): count for size, count in sorted(sizes.items())}
+        return stats
 
     def dispatch(self, header: dict, buffers: list) -> tuple[dict, list] | Pending:
         """Answer one IPC message (a model call is answered by the batcher thread, see Pending)."""

@@ -77,7 +77,8 @@ class HostClient:
         return self.call({"op": "health"}, [], deadline)[0]
 
     def stats(self, deadline: float) -> dict:
-        """``{"models": {name: {"batches", "rows", "padding", "requests"}}}``: what each model ran."""
+        """``{"models": {name: {"batches", "rows", "padding", "requests", "sizes"}}}``: what each
+        model ran (``sizes``: batches run at each padded size)."""
         return self.call({"op": "stats"}, [], deadline)[0]
 
     def load(self, model: str, path: str, deadline: float) -> dict:

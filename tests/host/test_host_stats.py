@@ -42,8 +42,20 @@ def test_stats_count_the_batches_and_rows_each_model_ran(served_host):
     assert after["rows"] - before["rows"] == 6
     assert after["requests"] - before["requests"] == 6
     assert after["padding"] == 0
+    assert after["sizes"]["1"] - before.get("sizes", {}).get("1", 0) == 6 and set(after["sizes"]) == {"1"}
 
 
 def test_stats_of_a_host_that_ran_nothing_are_empty(tmp_path):
     host = Host(Settings.from_env({}), Device.parse("cpu"))
     assert host.dispatch({"op": "stats"}, []) == ({"models": {}}, [])
+
+
+def test_stats_give_how_many_batches_ran_at_each_padded_size(tmp_path):
+    from serving.batching import BatchStats
+
+    host = Host(Settings.from_env({}), Device.parse("cpu"))
+    for rows, padding in [(3, 1), (4, 0), (7, 1), (1, 0)]:
+        host._count_batch("m", BatchStats(rows, padding, rows, (0.0,) * rows, 0.001))
+    stats = host.dispatch({"op": "stats"}, [])[0]["models"]["m"]
+    assert stats["sizes"] == {"1": 1, "4": 2, "8": 1}
+    assert (stats["batches"], stats["rows"], stats["padding"]) == (4, 15, 2)
