@@ -167,9 +167,8 @@ class TorchRunner:
         caller must collect every launch, and launch no more than ``concurrency`` ahead of it.
         On the CPU the batch runs here and the function only hands its outputs over.
         """
-        arrays = self._arrays(inputs)
         if self.cuda:
-            return self._launch_cuda(arrays)
+            return self._launch_cuda(self._arrays(inputs))
         outputs = self(inputs)
         return lambda: outputs
 

@@ -85,7 +85,7 @@ class _Flight:
         self.parts = parts
         self.rows = rows
         self.size = size
-        self.whole = whole  # one whole request, unpadded: its outputs go back as they are
+        self.whole = whole  # one whole request, unpadded (or unsplittable): its outputs go back as they are
         self.queue_times = queue_times
         self.began = 0.0
         self.collect: Callable[[], Tensors] | None = None
