@@ -479,6 +479,20 @@ def test_run_here_with_a_delay_or_a_backlog_does_not_jump_the_queue():
 # --- pipelining (``launch``): the next batch starts before the last one is answered ----------
 
 
+def one_then_two(batcher: Batcher, runner, on_first=None) -> None:
+    """A batch of one held in the runner, two more requests queued behind it, all answered; closes."""
+    try:
+        first = hold_first_batch(batcher, runner)
+        if on_first is not None:
+            first.add_done_callback(on_first)
+        later = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
+        runner.release()
+        for future in [first, *later]:
+            future.result(WAIT)
+    finally:
+        batcher.close()
+
+
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_a_pipelined_batcher_launches_the_next_batch_before_answering_the_last(runner, pipelined):
     events: list[str] = []
@@ -492,15 +506,7 @@ def test_a_pipelined_batcher_launches_the_next_batch_before_answering_the_last(r
         return runner(inputs)
 
     batcher = Batcher(run, BatchPolicy(max_batch_size=4), launch=launch if pipelined else None)
-    try:
-        first = hold_first_batch(batcher, runner)
-        first.add_done_callback(lambda _: events.append("answer first"))
-        later = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
-        runner.release()
-        for future in [first, *later]:
-            future.result(WAIT)
-    finally:
-        batcher.close()
+    one_then_two(batcher, runner, on_first=lambda _: events.append("answer first"))
     if pipelined:  # the second batch was on the device while the first one's answers went out
         assert events == ["launch 1", "launch 2", "answer first"]
     else:
@@ -595,12 +601,5 @@ def test_a_pipelined_batcher_assembles_batches_in_allocated_buffers_only_while_t
 def test_allocate_is_not_used_without_pipelining(runner):
     handed = []
     batcher = Batcher(runner, BatchPolicy(max_batch_size=4), allocate=lambda *args: handed.append(args))
-    try:
-        first = hold_first_batch(batcher, runner)
-        later = [batcher.submit(rows(1, start=i), FAR) for i in range(2)]
-        runner.release()
-        for future in [first, *later]:
-            future.result(WAIT)
-    finally:
-        batcher.close()
+    one_then_two(batcher, runner)
     assert runner.sizes == [1, 2] and handed == []

@@ -77,21 +77,25 @@ def test_graphs_of_several_sizes_share_a_pool_and_each_replays_its_own_answer(to
     assert {key[0][0][0] for key in handler.runner._captured} == {1, 2, 4}
 
 
+class Deep(torch.nn.Module):
+    """``layers`` tanh(x @ w) of ``width``: a batch long enough on the GPU for early reads to show."""
+
+    def __init__(self, width: int, layers: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(width, width) / (width**0.5))
+        self.layers = layers
+
+    def forward(self, x):
+        for _ in range(self.layers):
+            x = torch.tanh(x @ self.w)
+        return x
+
+
 @pytest.mark.parametrize("sync", ["spin", "block", "auto"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_every_cuda_sync_waits_for_the_whole_batch(tmp_path, sync, graphs):
     # long enough on the device that reading the pinned output before the copy lands would show
-    class Deep(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(1024, 1024) / 32)
-
-        def forward(self, x):
-            for _ in range(30):
-                x = torch.tanh(x @ self.w)
-            return x
-
-    model = Deep().eval()
+    model = Deep(1024, 30).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_sync=sync, cuda_graphs=graphs, batch_sizes=(1, 256) if graphs else ())
     handler = loaded(tmp_path / "deep.pt", config)
@@ -131,17 +135,7 @@ def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
 
     from serving.batching import Batcher, BatchPolicy
 
-    class Deep(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(256, 256) / 16)
-
-        def forward(self, x):
-            for _ in range(20):
-                x = torch.tanh(x @ self.w)
-            return x
-
-    model = Deep().eval()
+    model = Deep(256, 20).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     sizes = (1, 2, 4, 8, 16, 32)
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=sizes if graphs else ())
