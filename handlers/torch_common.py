@@ -137,15 +137,19 @@ class TorchRunner:
         self.sync = config.cuda_sync
         # launch() returns before the GPU is done: the batcher answers a batch while the next runs
         self.pipelined = self.cuda and config.pipeline
+        lanes = [
+            _Lane(
+                torch.cuda.Stream(self.device) if self.concurrency > 1 else None,
+                torch.cuda.graph_pool_handle(),
+                torch.cuda.Event(blocking=True),
+            )
+            for _ in range(self.concurrency if self.cuda else 0)
+        ]
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
-        for _ in range(self.concurrency if self.cuda else 0):
-            stream = torch.cuda.Stream(self.device) if self.concurrency > 1 else None
-            done = torch.cuda.Event(blocking=True)
-            self._lanes.put(_Lane(stream, torch.cuda.graph_pool_handle(), done))
+        for lane in lanes:
+            self._lanes.put(lane)
         # the lane when there is one: input_buffer hands out its staging buffers
-        self._lane = self._lanes.get() if self.cuda and self.concurrency == 1 else None
-        if self._lane is not None:
-            self._lanes.put(self._lane)
+        self._lane = lanes[0] if len(lanes) == 1 else None
         self._captured: set[tuple] = set()  # shapes captured in every lane
         self._capture_lock = threading.Lock()
 

@@ -8,11 +8,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import InvalidStateError
 from functools import partial
 
 from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
+from serving.batching.records import Flight, Launch, Part, Request, settle
 from serving.batching.shaping import (
     Allocate,
     check_outputs,
@@ -37,60 +37,6 @@ log = logging.getLogger(__name__)
 
 # Weight of the newest batch in the running compute-time average behind Retry-After.
 _EMA_WEIGHT = 0.2
-
-
-class _Request:
-    """A queued request; ``taken`` rows of it already went into batches."""
-
-    __slots__ = (
-        "inputs",
-        "rows",
-        "key",
-        "deadline",
-        "submitted",
-        "future",
-        "taken",
-        "parts",
-        "received",
-        "done",
-    )
-
-    def __init__(self, inputs: Tensors, rows: int, key: Hashable, deadline: float, submitted: float):
-        self.inputs = inputs
-        self.rows = rows
-        self.key = key
-        self.deadline = deadline
-        self.submitted = submitted
-        self.future = Outcome()
-        self.taken = 0
-        self.parts: list[
-            tuple[int, Tensors]
-        ] = []  # (first row, outputs) of the parts done so far, when split
-        self.received = 0  # rows of outputs received so far, when split
-        self.done = False
-
-
-# (request, first row, end row) of one request's share of a batch
-_Part = tuple[_Request, int, int]
-#: starts a batch on the device and returns what waits for its outputs (see ``Batcher``)
-Launch = Callable[[Tensors], Callable[[], Tensors]]
-
-
-class _Flight:
-    """One batch from its launch to its answers: parts, padding, and its outputs or error."""
-
-    __slots__ = ("parts", "rows", "size", "whole", "queue_times", "began", "collect", "outputs", "error")
-
-    def __init__(self, parts: list[_Part], rows: int, size: int, whole: bool, queue_times: tuple):
-        self.parts = parts
-        self.rows = rows
-        self.size = size
-        self.whole = whole  # one whole request, unpadded (or unsplittable): its outputs go back as they are
-        self.queue_times = queue_times
-        self.began = 0.0
-        self.collect: Callable[[], Tensors] | None = None
-        self.outputs: Tensors | None = None
-        self.error: ServingError | None = None
 
 
 class Batcher:
@@ -130,7 +76,7 @@ class Batcher:
         self._clock = clock
         self._cap = policy.max_batch_size if policy.splittable else 1
         self._delay = policy.max_delay_ms / 1000.0
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Request] = deque()
         self._queued_rows = 0
         self._rows_by_key: dict[Hashable, int] = {}
         self._compute_avg = 0.0
@@ -166,7 +112,7 @@ class Batcher:
             raise PayloadTooLarge(
                 f"the request has {rows} rows; model {self._name!r} queues at most {limit} rows"
             )
-        request = _Request(inputs, rows, key, deadline, self._clock())
+        request = Request(inputs, rows, key, deadline, self._clock())
         with self._cond:
             if self._closing:
                 raise NotReady(f"model {self._name!r} is shutting down")
@@ -204,7 +150,7 @@ class Batcher:
                 while self._queue:
                     request = self._queue.popleft()
                     self._unqueue(request)
-                    _settle(request, error=error)
+                    settle(request, error=error)
             self._cond.notify_all()
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -224,7 +170,7 @@ class Batcher:
 
     def _pipeline_loop(self) -> None:
         """One worker, at most one batch on the device: launch N+1 before answering N."""
-        flight: _Flight | None = None
+        flight: Flight | None = None
         while True:
             if flight is not None:
                 self._guarded(self._await, flight)  # the device finishes N; the GIL is free meanwhile
@@ -255,21 +201,21 @@ class Batcher:
             return step(arg)
         except Exception as exc:
             log.exception("batcher %s failed to handle a batch", self._name)
-            parts = arg.parts if isinstance(arg, _Flight) else arg
+            parts = arg.parts if isinstance(arg, Flight) else arg
             self._fail(parts, ModelError(f"{type(exc).__name__}: {exc}"))
             return None
 
-    def _run_inline(self, request: _Request) -> None:
+    def _run_inline(self, request: Request) -> None:
         if request.deadline <= self._clock() or not request.future.set_running_or_notify_cancel():
             with self._cond:
                 self._running -= 1
             if not request.future.cancelled():
-                _settle(request, error=DeadlineExceeded(f"deadline passed before model {self._name!r} ran"))
+                settle(request, error=DeadlineExceeded(f"deadline passed before model {self._name!r} ran"))
             return
         request.taken = request.rows
         self._execute_counted([(request, 0, request.rows)])
 
-    def _execute_counted(self, parts: list[_Part]) -> None:
+    def _execute_counted(self, parts: list[Part]) -> None:
         """Run a batch while counted in ``_running``; wake a worker for what queued meanwhile."""
         try:
             self._execute(parts)
@@ -282,7 +228,7 @@ class Batcher:
                 if self._queue:
                     self._cond.notify()
 
-    def _next_batch(self, block: bool = True) -> list[_Part] | None:
+    def _next_batch(self, block: bool = True) -> list[Part] | None:
         """Wait (holding the lock) for the next batch; None once closed and empty.
 
         Without ``block``: the batch that can start now, or None at once.
@@ -314,20 +260,20 @@ class Batcher:
                     self._cond.notify()  # another worker may start on what is left
                 return parts
 
-    def _live_head(self, now: float) -> _Request | None:
+    def _live_head(self, now: float) -> Request | None:
         while self._queue:
             if not self._drop_if_dead(self._queue[0], now):
                 return self._queue[0]
             self._queue.popleft()
         return None
 
-    def _take(self, key: Hashable, now: float) -> list[_Part]:
+    def _take(self, key: Hashable, now: float) -> list[Part]:
         """Up to ``cap`` rows of the oldest requests shaped like ``key``, in queue order.
 
         Requests of other shapes are passed over and keep their places for a later batch.
         """
-        parts: list[_Part] = []
-        skipped: list[_Request] = []
+        parts: list[Part] = []
+        skipped: list[Request] = []
         rows = 0
         queue = self._queue
         while queue and rows < self._cap:
@@ -350,7 +296,7 @@ class Batcher:
         queue.extendleft(reversed(skipped))
         return parts
 
-    def _drop_if_dead(self, request: _Request, now: float) -> bool:
+    def _drop_if_dead(self, request: Request, now: float) -> bool:
         """True (and the request settled) when it must not run: failed, cancelled or expired."""
         if request.done or request.future.cancelled():
             self._unqueue(request)
@@ -358,7 +304,7 @@ class Batcher:
         if request.deadline <= now:
             self._unqueue(request)
             waited = now - request.submitted
-            _settle(
+            settle(
                 request,
                 error=DeadlineExceeded(
                     f"deadline passed after {waited:.3f}s waiting in the queue of model {self._name!r}"
@@ -367,7 +313,7 @@ class Batcher:
             return True
         return False
 
-    def _consume(self, request: _Request, count: int) -> None:
+    def _consume(self, request: Request, count: int) -> None:
         request.taken += count
         self._queued_rows -= count
         left = self._rows_by_key[request.key] - count
@@ -376,17 +322,17 @@ class Batcher:
         else:
             del self._rows_by_key[request.key]
 
-    def _unqueue(self, request: _Request) -> None:
+    def _unqueue(self, request: Request) -> None:
         if request.taken < request.rows:
             self._consume(request, request.rows - request.taken)
 
-    def _execute(self, parts: list[_Part]) -> None:
+    def _execute(self, parts: list[Part]) -> None:
         """Run one batch and hand every request its rows, or the batch's error."""
         flight = self._begin(parts)
         self._await(flight)
         self._finish(flight)
 
-    def _begin(self, parts: list[_Part]) -> _Flight:
+    def _begin(self, parts: list[Part]) -> Flight:
         """Build the batch and start it: launched (pipelined) or run to the end."""
         start = self._clock()
         queue_times = tuple(start - request.submitted for request, _, _ in parts)
@@ -399,7 +345,7 @@ class Batcher:
         else:
             pieces = [take_rows(request.inputs, a, b) for request, a, b in parts]
             batch = concatenate(pieces, size, self._allocate)
-        flight = _Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
+        flight = Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
         flight.began = self._clock()
         try:
             if self._launch is not None:
@@ -412,7 +358,7 @@ class Batcher:
             flight.error = ModelError(f"{type(exc).__name__}: {exc}")
         return flight
 
-    def _await(self, flight: _Flight) -> None:
+    def _await(self, flight: Flight) -> None:
         """Wait for the batch's outputs (or its error) and report its stats."""
         if flight.error is None:
             try:
@@ -431,45 +377,20 @@ class Batcher:
             BatchStats(flight.rows, flight.size - flight.rows, len(flight.parts), flight.queue_times, compute)
         )
 
-    def _finish(self, flight: _Flight) -> None:
+    def _finish(self, flight: Flight) -> None:
         """Hand every request of the batch its rows, or the batch's error."""
         parts, outputs = flight.parts, flight.outputs
         if flight.error is not None or outputs is None:
             self._fail(parts, flight.error or ModelError("the batch gave no outputs"))
             return
-        if flight.whole or (len(parts) == 1 and flight.size == flight.rows):
-            request, first, stop = parts[0]
-            self._deliver(request, first, stop, outputs)
-            return
-        offset = 0
-        for request, a, b in parts:
-            whole = b - a == request.rows
-            # A whole request gets a copy so it does not pin or alias the shared batch arrays;
-            # a part is copied anyway when its request's parts are joined.
-            self._deliver(request, a, b, take_rows(outputs, offset, offset + b - a, copy=whole))
-            offset += b - a
+        flight.hand_out(outputs, self._parts_lock)
 
-    def _deliver(self, request: _Request, first: int, stop: int, outputs: Tensors) -> None:
-        if request.done:
-            return  # an earlier part of this split request already failed
-        if first == 0 and stop == request.rows:
-            _settle(request, result=outputs)
-            return
-        with self._parts_lock:  # parts of one request may finish on different workers, in any order
-            request.parts.append((first, outputs))
-            request.received += stop - first
-            if request.received < request.rows:
-                return
-            ordered = [out for _, out in sorted(request.parts, key=lambda part: part[0])]
-            request.parts = []
-        _settle(request, result=concatenate(ordered))
-
-    def _fail(self, parts: list[_Part], error: ServingError) -> None:
+    def _fail(self, parts: list[Part], error: ServingError) -> None:
         with self._cond:
             for request, _, _ in parts:
                 self._unqueue(request)  # the unsent rest of a split request fails with it
         for request, _, _ in parts:
-            _settle(request, error=error)
+            settle(request, error=error)
 
     def _report(self, stats: BatchStats) -> None:
         if self._observe is None:
@@ -483,15 +404,3 @@ class Batcher:
         """Retry-After: whole seconds the rows already queued would take to run, at least 1."""
         batches_ahead = math.ceil(self._queued_rows / self._cap)
         return max(1, math.ceil(batches_ahead * self._compute_avg))
-
-
-def _settle(request: _Request, *, result: Tensors | None = None, error: BaseException | None = None) -> None:
-    """Resolve a request's future once; a caller's cancel or an earlier failure wins."""
-    request.done = True
-    try:
-        if error is not None:
-            request.future.set_exception(error)
-        else:
-            request.future.set_result(result)
-    except InvalidStateError:
-        pass
