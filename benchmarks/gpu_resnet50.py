@@ -51,14 +51,16 @@ GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 
 def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: bool = True,
-                sizes: tuple[int, ...] = GRAPH_SIZES) -> str:  # fmt: skip
+                sizes: tuple[int, ...] = GRAPH_SIZES, kind: str = "torchscript") -> str:  # fmt: skip
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
     ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``;
-    ``pipeline``: answer a batch while the next one runs.
+    ``pipeline``: answer a batch while the next one runs. An AOTInductor package's precision is
+    fixed when it is compiled (the model casts to fp16 itself), so it gets no ``precision`` key.
     """
+    precision = 'precision = "fp16"\n' if kind == "torchscript" else ""
     text = (
-        f'max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\nprecision = "fp16"\nconcurrent_batches = {lanes}\n'
+        f"max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\n{precision}concurrent_batches = {lanes}\n"
         f'cuda_sync = "{sync}"\npipeline = {str(pipeline).lower()}\n'
     )
     if graphs:
@@ -270,7 +272,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
            lanes: int = 1, worker_class: str = "gthread", sync: str = "auto", pipeline: bool = True,
            sizes: tuple[int, ...] = GRAPH_SIZES) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
-    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes))
+    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind))
     label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -413,6 +415,11 @@ def main(argv=None) -> int:
     report = {}
     for (kind, dtype), model_dir in artifacts.items():
         for graphs in args.graphs:
+            if graphs and kind == "aoti":
+                print(
+                    "aoti: no CUDA graphs run (the handler refuses them; see handlers/README.md)", flush=True
+                )
+                continue
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]

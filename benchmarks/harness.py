@@ -61,8 +61,12 @@ class Service:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            if self._ping() == 200:
+            status, body = self._ping()
+            if status == 200:
                 return self
+            if "failed to load" in body:  # it will not get better: say why now, not after the timeout
+                self.__exit__()
+                raise RuntimeError(f"the model failed to load: {body}\n{self.log.read_text()[-4000:]}")
             time.sleep(0.2)
         self.__exit__()
         raise TimeoutError(f"server not ready within {self.ready_timeout}s:\n{self.log.read_text()}")
@@ -76,13 +80,14 @@ class Service:
             self.proc.wait()
         self._log.close()
 
-    def _ping(self) -> int | None:
+    def _ping(self) -> tuple[int | None, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
         try:
             conn.request("GET", "/ping")
-            return conn.getresponse().status
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8", "replace")
         except OSError:
-            return None
+            return None, ""
         finally:
             conn.close()
 

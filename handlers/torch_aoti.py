@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from handlers import elf
 from handlers.base import Handler, batch_signature
 from handlers.torch_common import PRECISIONS, TorchRunner, check_batch, output_names, release_cuda_memory
 from serving.errors import ConfigError, ServingError
@@ -20,8 +21,40 @@ _DTYPE = re.compile(r"(\w+)_expected_dtype = aoti_torch_dtype_(\w+)\(\);")
 _SIZES = re.compile(r"assert_size_stride\((\w+), \{([^}]*)\}")
 
 
+# std::locale::classic(): defined only by libstdc++ itself, so a wrapper that defines it carries a copy
+_OWN_LIBSTDCXX = "_ZNSt6locale7classicEv"
+
+
 class WrongDevice(ServingError):
     """An AOTInductor package compiled for another device type."""
+
+
+class IncompatibleBuild(ServingError):
+    """An AOTInductor package whose native code cannot be loaded safely into this process."""
+
+
+def check_runtime_linkage(path: Path) -> None:
+    """Refuse a package whose compiled wrapper carries its own, static, copy of libstdc++.
+
+    torch links libstdc++ dynamically; a wrapper linked with a static copy (a compiler whose specs
+    add ``-static-libstdc++``, as the ``CXX=/opt/gcc/bin/g++`` of the lent H100s' image does) then
+    mixes two C++ runtimes in one process, and the wrapper's first ``std::regex`` (device string
+    parsing, at load) reads the other runtime's locale facets: a segfault on torch 2.11 there, a
+    ``std::bad_cast`` abort with GCC 12 here. Either takes the whole host down, so this is read from
+    the ELF headers before anything is loaded.
+    """
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if not (name.endswith(".so") and "data/aotinductor/" in name):
+                continue
+            so = elf.read(z.read(name), [_OWN_LIBSTDCXX])
+            if _OWN_LIBSTDCXX in so.defines and not any(n.startswith("libstdc++") for n in so.needed):
+                raise IncompatibleBuild(
+                    f"{path.name}: {name.rsplit('/', 1)[-1]} carries its own copy of libstdc++ (linked "
+                    "statically), which crashes the process that loads it next to torch's. Recompile "
+                    "the package with a compiler that links libstdc++ dynamically, e.g. "
+                    "CXX=/usr/bin/g++ (torch's inductor uses $CXX)"
+                )
 
 
 def read_wrapper_signature(path: Path) -> Signature:
@@ -73,10 +106,19 @@ class AotiHandler(Handler):
         self.signature = read_wrapper_signature(artifact.path)
         floats = {s.dtype for s in self.signature.inputs if s.dtype.startswith(("float", "bfloat"))}
         if config.precision and {PRECISIONS.get(config.precision)} != floats:
+            compiled = f"for {sorted(floats)} inputs" if floats else "with no floating-point inputs"
             raise ConfigError(
                 f"precision {config.precision} requested, but this AOTInductor package was compiled "
-                f"for {sorted(floats)} inputs; precision is fixed at compile time"
+                f"{compiled}; its precision is fixed at compile time: leave precision out of onebox.toml"
             )
+        if config.cuda_graphs and device.kind == "cuda":
+            # seen on an H100 (torch 2.11): the AOTI runtime makes calls a capture forbids
+            # ("operation not permitted when stream is capturing"; "invalid argument" when relaxed)
+            raise ConfigError(
+                "cuda_graphs is not supported for AOTInductor packages: their runtime cannot be "
+                "captured in a CUDA graph; leave cuda_graphs out of onebox.toml"
+            )
+        check_runtime_linkage(artifact.path)
         index = (device.index or 0) if device.kind == "cuda" else -1
         self.model = torch._inductor.aoti_load_package(str(artifact.path), device_index=index)
         # Inputs keep the dtype the user sent; the compiled kernels check it against the wrapper.

@@ -78,3 +78,37 @@ def aoti_package(tmp_path_factory, torch_artifacts):
     except Exception as exc:  # no compiler toolchain on this host
         pytest.skip(f"AOTInductor compilation unavailable here: {type(exc).__name__}: {exc}")
     return path
+
+
+REGEX_SOURCE = """
+#include <regex>
+#include <string>
+// what an AOTInductor wrapper does at load: parse a device string with std::regex
+extern "C" int parse_device(const char* s) {
+    std::smatch m;
+    std::string text(s);
+    return std::regex_match(text, m, std::regex("(cpu|cuda)(:([0-9]+))?")) ? 1 : 0;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def shared_objects(tmp_path_factory):
+    """Two builds of one std::regex library: ``dynamic`` (libstdc++.so.6 NEEDED) and ``static``
+    (``-static-libstdc++``: its own copy of the C++ runtime, as the broken AOTI wrappers had)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ to build the shared-object fixtures")
+    root = tmp_path_factory.mktemp("elf")
+    (root / "regex.cpp").write_text(REGEX_SOURCE)
+    builds = {"dynamic": [], "static": ["-static-libstdc++", "-static-libgcc"]}
+    for name, flags in builds.items():
+        done = subprocess.run(
+            ["g++", "-O1", "-shared", "-fPIC", *flags, "regex.cpp", "-o", f"{name}.so"],
+            cwd=root, capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode:
+            pytest.skip(f"g++ could not build the {name} fixture: {done.stderr[-500:]}")
+    return {name: root / f"{name}.so" for name in builds}

@@ -123,3 +123,48 @@ def test_aoti_precision_other_than_compiled_is_refused(aoti_package):
     art = detect(aoti_package.parent)
     with pytest.raises(ConfigError, match="fixed at compile time"):
         handler_class("torch_aoti")().load(art, Device("cpu"), ModelConfig(precision="fp16"))
+
+
+def _with_wrapper(package, wrapper_bytes, dest):
+    """A copy of ``package`` whose compiled wrapper is replaced by ``wrapper_bytes``."""
+    import zipfile
+
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(dest, "w") as out:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith(".wrapper.so"):
+                data = wrapper_bytes
+            out.writestr(item, data)
+    return dest
+
+
+@pytest.mark.slow
+def test_aoti_wrapper_with_its_own_libstdcxx_is_refused_before_it_is_loaded(
+    aoti_package, shared_objects, tmp_path
+):
+    from handlers.torch_aoti import IncompatibleBuild, check_runtime_linkage
+
+    check_runtime_linkage(aoti_package)  # this machine's compiler links libstdc++ dynamically
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    _with_wrapper(aoti_package, shared_objects["static"].read_bytes(), bad_dir / "model.pt2")
+    art = detect(bad_dir)
+    assert art.handler == "torch_aoti"
+    with pytest.raises(IncompatibleBuild, match=r"own copy of libstdc\+\+.*CXX=/usr/bin/g\+\+"):
+        handler_class("torch_aoti")().load(art, Device("cpu"), ModelConfig())
+    # the same package with the dynamically linked build of that library passes
+    ok_dir = tmp_path / "ok"
+    ok_dir.mkdir()
+    check_runtime_linkage(
+        _with_wrapper(aoti_package, shared_objects["dynamic"].read_bytes(), ok_dir / "model.pt2")
+    )
+
+
+@pytest.mark.slow
+def test_aoti_cuda_graphs_are_refused_with_a_reason(aoti_package):
+    import dataclasses
+
+    art = detect(aoti_package.parent)
+    as_cuda = dataclasses.replace(art, details={**art.details, "metadata": {"AOTI_DEVICE_KEY": "cuda"}})
+    with pytest.raises(ConfigError, match="cuda_graphs is not supported for AOTInductor"):
+        handler_class("torch_aoti")().load(as_cuda, Device("cuda", 0), ModelConfig(cuda_graphs=True))
