@@ -79,10 +79,14 @@ class Server:
             cmd.append(str(self.model_dir))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
-        if self.expect_ready:
-            self.wait_ready(self.ready_timeout)
-        else:
-            self.wait_listening(self.ready_timeout)
+        try:
+            if self.expect_ready:
+                self.wait_ready(self.ready_timeout)
+            else:
+                self.wait_listening(self.ready_timeout)
+        except BaseException:  # never leave a server behind that nobody will stop
+            self.stop()
+            raise
 
     def wait_listening(self, timeout: float) -> None:
         """Wait until the port accepts connections (any /ping status)."""
@@ -97,15 +101,18 @@ class Server:
         raise TimeoutError(f"server did not listen within {timeout}s\n{self.log()}")
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until /ping answers 200."""
+        """Wait until /ping answers 200; fail at once when it says the model failed to load."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             self._check_alive()
             try:
-                if self.request("GET", "/ping", timeout=2).status == 200:
-                    return
+                reply = self.request("GET", "/ping", timeout=2)
             except OSError:
-                pass
+                reply = None
+            if reply is not None and reply.status == 200:
+                return
+            if reply is not None and b"failed to load" in reply.body:  # it will not get better
+                raise RuntimeError(f"the model failed to load: {reply.body.decode()}\n{self.log()}")
             time.sleep(0.1)
         raise TimeoutError(f"server not ready within {timeout}s\n{self.log()}")
 
