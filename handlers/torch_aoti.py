@@ -47,7 +47,8 @@ def check_runtime_linkage(path: Path) -> None:
         for name in z.namelist():
             if not (name.endswith(".so") and "data/aotinductor/" in name):
                 continue
-            so = elf.read(z.read(name), [_OWN_LIBSTDCXX])
+            with z.open(name) as member:  # seekable: only the headers and symbol tables are read
+                so = elf.read(member, [_OWN_LIBSTDCXX])
             if _OWN_LIBSTDCXX in so.defines and not any(n.startswith("libstdc++") for n in so.needed):
                 raise IncompatibleBuild(
                     f"{path.name}: {name.rsplit('/', 1)[-1]} carries its own copy of libstdc++ (linked "
