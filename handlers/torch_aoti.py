@@ -36,8 +36,8 @@ class IncompatibleBuild(ServingError):
 def check_runtime_linkage(path: Path) -> None:
     """Refuse a package whose compiled wrapper carries its own, static, copy of libstdc++.
 
-    torch links libstdc++ dynamically; a wrapper linked with a static copy (a compiler whose specs
-    add ``-static-libstdc++``, as the ``CXX=/opt/gcc/bin/g++`` of the lent H100s' image does) then
+    torch links libstdc++ dynamically; a wrapper linked with a static copy (what the lent H100s'
+    ``CXX=/opt/gcc/bin/g++`` produced, with no static flag from torch on its command line) then
     mixes two C++ runtimes in one process, and the wrapper's first ``std::regex`` (device string
     parsing, at load) reads the other runtime's locale facets: a segfault on torch 2.11 there, a
     ``std::bad_cast`` abort with GCC 12 here. Either takes the whole host down, so this is read from

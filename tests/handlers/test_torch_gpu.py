@@ -213,7 +213,8 @@ def test_cuda_aoti_package_predicts_like_cpu(cuda_aoti_package, torch_artifacts)
     assert detect(cuda_aoti_package.parent).devices == ("cuda",)
     x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
     np.save(cuda_aoti_package.parent / "x.npy", x)
-    # In a child process: loading a CUDA AOTI package crashed the interpreter on one torch 2.11 host.
+    # In a child process: a wrapper built with a static libstdc++ (the lent image's default $CXX)
+    # crashed the interpreter at load; the handler now refuses one (run with CXX=/usr/bin/g++ there).
     code = (
         "import sys, numpy as np; from pathlib import Path; from handlers.registry import detect, handler_class\n"
         "from serving.types import Device, ModelConfig\n"
