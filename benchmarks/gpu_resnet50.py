@@ -47,6 +47,8 @@ MAX_BATCH = 128
 # the batch sizes a server with CUDA graphs captures and pads up to (--graphs on)
 # every 8 rows up to 64 and 16 above: a batch is padded by at most 15 rows (with 48, 64, 96 only, the
 # 2-host batches of ~63 rows ran padded to ~80 and served 8683 img/s against 9548; RESULTS.md)
+# py-spy with native (C/C++) frames as well, for a host whose time is inside a compiled runtime
+NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
 GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 
@@ -233,7 +235,7 @@ class GpuSampler:
         return statistics.mean(self.samples) if self.samples else float("nan")
 
 
-def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subprocess.Popen | None:
+def profile(pid: int, seconds: float, out: Path, gil: bool = False, native: bool = False) -> subprocess.Popen | None:
     """Sample a process with py-spy (collapsed stacks) in the background, if py-spy is installed.
 
     ``gil``: only the thread holding the GIL is sampled, so the stacks are where the process's one
@@ -256,9 +258,10 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False) -> subproces
         "200",
         "-d",
         str(int(seconds)),
-        "--nonblocking",
+        *([] if native else ["--nonblocking"]),  # py-spy reads native stacks only while the process is stopped
         "--threads",
         *(["--gil"] if gil else []),
+        *(["--native"] if native else []),
         "-o",
         str(out),
         "--pid",
@@ -309,7 +312,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for (role, proc), gil in itertools.product(targets.items(), (False, True)):
                     name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{role}{'-gil' if gil else ''}.txt"
-                    spy = profile(proc.pid, duration, profile_dir / name, gil)
+                    spy = profile(proc.pid, duration, profile_dir / name, gil, native=NATIVE_PROFILES)
                     if spy:
                         spies.append(spy)
             before = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))

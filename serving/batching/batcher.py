@@ -53,6 +53,11 @@ class Batcher:
     they let in) cost no device time. The device still runs one batch at a time.
     ``allocate`` (used only then, when no batch is in the runner) may hand out the arrays a
     batch is assembled in, such as the runner's pinned staging buffers: one copy fewer per batch.
+
+    ``warmup`` runs first on every worker thread, and batches then run only on those threads
+    (``run_here`` is ignored): what a warm-up builds may belong to the thread that built it, as
+    cuDNN's execution plans do (a plan made on the loading thread was made again, ~40 ms of CPU
+    per new batch shape, on the thread that served it). :meth:`wait_warm` returns when done.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class Batcher:
         launch: Launch | None = None,
         allocate: Allocate | None = None,
         observe: Callable[[BatchStats], None] | None = None,
+        warmup: Callable[[], None] | None = None,
         name: str = "model",
         clock: Callable[[], float] = time.time,
     ):
@@ -85,9 +91,12 @@ class Batcher:
         self._parts_lock = threading.Lock()
         self._concurrency = policy.concurrent_batches
         self._running = 0  # batches in the runner now, on workers or on callers' threads
+        self._warmup = warmup
+        self._cold = policy.concurrent_batches if warmup else 0  # workers still warming up
+        self._warmup_error: BaseException | None = None
         loop = self._loop if self._launch is None else self._pipeline_loop
         self._threads = [
-            threading.Thread(target=loop, name=f"batcher-{name}-{i}", daemon=True)
+            threading.Thread(target=self._work, args=(loop,), name=f"batcher-{name}-{i}", daemon=True)
             for i in range(policy.concurrent_batches)
         ]
         for thread in self._threads:
@@ -119,7 +128,8 @@ class Batcher:
             # Idle runner, empty queue, no delay asked for: this request is the whole batch, so
             # run it on the caller's thread instead of waking a worker for it (two thread
             # hand-offs fewer per request at low load, where batching must add nothing).
-            inline = run_here and not self._delay and not self._queue and self._running < self._concurrency
+            inline = run_here and not self._warmup and not self._delay and not self._queue
+            inline = inline and self._running < self._concurrency
             inline = inline and rows <= self._cap
             if inline:
                 self._running += 1
@@ -136,6 +146,13 @@ class Batcher:
         if inline:
             self._run_inline(request)
         return request.future
+
+    def wait_warm(self) -> None:
+        """Wait until every worker has run ``warmup``; raise the first error one of them met."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._cold)
+            if self._warmup_error is not None:
+                raise self._warmup_error
 
     def queue_depth(self) -> int:
         """Rows waiting for a batch."""
@@ -157,6 +174,21 @@ class Batcher:
                 thread.join()
 
     # --- worker -------------------------------------------------------------------------
+
+    def _work(self, loop: Callable[[], None]) -> None:
+        """The worker thread: the warm-up, then batches (none after a failed warm-up)."""
+        error = None
+        if self._warmup is not None:
+            try:
+                self._warmup()
+            except BaseException as exc:
+                error = exc
+            with self._cond:
+                self._cold -= 1
+                self._warmup_error = self._warmup_error or error
+                self._cond.notify_all()
+        if error is None:
+            loop()
 
     def _loop(self) -> None:
         while True:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from enum import StrEnum
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class ModelRegistry:
         except BaseException as exc:
             model.state = State.FAILED
             model.error = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            _release(model)
             raise
         model.load_seconds = time.perf_counter() - started
         model.state = State.READY
@@ -119,11 +121,18 @@ class ModelRegistry:
             model.serial = _SerialScript(handler)
             run, launch = model.serial.run, None
         allocate = handler.input_buffer if launch is not None else None
+        # on the batcher's own threads: the state a warm-up builds may be per thread (cuDNN plans)
+        warmup = partial(handler.warmup, warmup_sizes(policy)) if config.warmup and not handler.raw else None
         model.batcher = Batcher(
-            run, policy, launch=launch, allocate=allocate, name=model.name, observe=self._observer(model.name)
+            run,
+            policy,
+            launch=launch,
+            allocate=allocate,
+            warmup=warmup,
+            name=model.name,
+            observe=self._observer(model.name),
         )
-        if config.warmup and not handler.raw:
-            handler.warmup(warmup_sizes(policy))
+        model.batcher.wait_warm()
 
     def _observer(self, name: str):
         if self.observe is None:
@@ -249,6 +258,17 @@ class _SerialScript:
 
     def forget(self, ticket: np.ndarray) -> None:
         self._pending.pop(int(ticket[0]), None)
+
+
+def _release(model: Model) -> None:
+    """Stop a failed model's batcher threads and free what its handler holds (device memory)."""
+    try:
+        if model.batcher:
+            model.batcher.close(drain=False)
+        if model.handler:
+            model.handler.unload()
+    except Exception:
+        log.exception("releasing model %r after its failed load", model.name)
 
 
 def _model_deadline(model: Model, deadline: float) -> float:

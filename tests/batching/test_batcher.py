@@ -603,3 +603,47 @@ def test_allocate_is_not_used_without_pipelining(runner):
     batcher = Batcher(runner, BatchPolicy(max_batch_size=4), allocate=lambda *args: handed.append(args))
     one_then_two(batcher, runner)
     assert runner.sizes == [1, 2] and handed == []
+
+
+@pytest.mark.parametrize("concurrency, pipelined", [(1, False), (1, True), (2, False)])
+def test_batches_run_only_on_the_threads_that_ran_the_warmup(runner, concurrency, pipelined):
+    # a warm-up's state may be per thread (cuDNN's plans): every worker warms up before it takes
+    # a batch, and no batch runs anywhere else, not even an idle request asked to run_here
+    warmed, ran = [], []
+    lock = threading.Lock()
+
+    def warmup():
+        with lock:
+            warmed.append(threading.get_ident())
+
+    def run(inputs):
+        ran.append(threading.get_ident())
+        return runner(inputs)
+
+    batcher = Batcher(
+        run,
+        BatchPolicy(max_batch_size=4, concurrent_batches=concurrency),
+        launch=lazy_launch(run) if pipelined else None,
+        warmup=warmup,
+    )
+    try:
+        batcher.wait_warm()
+        assert len(set(warmed)) == len(warmed) == concurrency
+        assert threading.get_ident() not in warmed
+        for i in range(6):
+            future = batcher.submit(rows(1, start=i), FAR, run_here=True)
+            assert np.array_equal(future.result(WAIT)["y"], expected(rows(1, start=i)))
+    finally:
+        batcher.close()
+    assert ran and set(ran) <= set(warmed)
+
+
+def test_a_failed_warmup_is_raised_by_wait_warm_and_close_still_returns(runner):
+    def warmup():
+        raise RuntimeError("CUDA error: out of memory while warming up batch 64")
+
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=4, concurrent_batches=2), warmup=warmup)
+    with pytest.raises(RuntimeError, match="warming up batch 64"):
+        batcher.wait_warm()
+    batcher.close(drain=False)
+    assert runner.batches == []
