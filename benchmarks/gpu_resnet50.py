@@ -235,7 +235,9 @@ class GpuSampler:
         return statistics.mean(self.samples) if self.samples else float("nan")
 
 
-def profile(pid: int, seconds: float, out: Path, gil: bool = False, native: bool = False) -> subprocess.Popen | None:
+def profile(
+    pid: int, seconds: float, out: Path, gil: bool = False, native: bool = False
+) -> subprocess.Popen | None:
     """Sample a process with py-spy (collapsed stacks) in the background, if py-spy is installed.
 
     ``gil``: only the thread holding the GIL is sampled, so the stacks are where the process's one
@@ -258,7 +260,9 @@ def profile(pid: int, seconds: float, out: Path, gil: bool = False, native: bool
         "200",
         "-d",
         str(int(seconds)),
-        *([] if native else ["--nonblocking"]),  # py-spy reads native stacks only while the process is stopped
+        *(
+            [] if native else ["--nonblocking"]
+        ),  # py-spy reads native stacks only while the process is stopped
         "--threads",
         *(["--gil"] if gil else []),
         *(["--native"] if native else []),

@@ -13,8 +13,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 import numpy as np
