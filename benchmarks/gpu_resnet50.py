@@ -85,8 +85,12 @@ def build_module(torch, torchvision):
     return Served().eval().half().to(memory_format=torch.channels_last).cuda()
 
 
-def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
-    """Model directories keyed by (kind, dtype); ``served`` writes each one's onebox.toml."""
+def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str], reuse: bool = False) -> dict:
+    """Model directories keyed by (kind, dtype); ``served`` writes each one's onebox.toml.
+
+    ``reuse``: keep an artifact an earlier run left in ``workdir`` (an A/B of two checkouts on
+    one machine then compiles the AOTInductor package once).
+    """
     import torch
     import torchvision
 
@@ -99,6 +103,10 @@ def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
         for kind in kinds:
             model_dir = workdir / f"{kind}-{dtype}"
             model_dir.mkdir(parents=True, exist_ok=True)
+            out[(kind, dtype)] = model_dir
+            if reuse and (model_dir / ("model.pt" if kind == "torchscript" else "model.pt2")).is_file():
+                print(f"reusing {kind}/{dtype} from {model_dir}", flush=True)
+                continue
             started = time.perf_counter()
             with torch.inference_mode():
                 if kind == "torchscript":
@@ -111,7 +119,6 @@ def make_artifacts(workdir: Path, kinds: list[str], dtypes: list[str]) -> dict:
                         program, package_path=str(model_dir / "model.pt2")
                     )
             print(f"built {kind}/{dtype} in {time.perf_counter() - started:.1f}s", flush=True)
-            out[(kind, dtype)] = model_dir
     return out
 
 
@@ -404,6 +411,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
                         help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
     parser.add_argument(
+        "--reuse", action="store_true", help="keep artifacts an earlier run left in --out instead of building them"
+    )
+    parser.add_argument(
         "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
     )
     args = parser.parse_args(argv)
@@ -418,7 +428,7 @@ def main(argv=None) -> int:
         f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CPUs {os.cpu_count()}",
         flush=True,
     )
-    artifacts = make_artifacts(args.out, kinds, dtypes)
+    artifacts = make_artifacts(args.out, kinds, dtypes, args.reuse)
     report = {}
     for (kind, dtype), model_dir in artifacts.items():
         for graphs in args.graphs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -201,7 +202,29 @@ class Batcher:
             self._execute_counted(parts)
 
     def _pipeline_loop(self) -> None:
-        """One worker, at most one batch on the device: launch N+1 before answering N."""
+        """One worker, at most one batch on the device: launch N+1 before answering N.
+
+        N's answers go to a thread of their own when N+1 was launched: a launch can take
+        milliseconds of CPU without the GIL (an AOTInductor ResNet-50 makes ~2.7 ms of kernel
+        launches per batch), and the answers then go out meanwhile instead of after it.
+        With nothing launched they are sent here, sparing an idle server a thread hand-off.
+        """
+        answers: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()
+        answerer = threading.Thread(
+            target=self._answer, args=(answers,), name=f"{self._name}-answers", daemon=True
+        )
+        answerer.start()
+        try:
+            self._pipeline(answers)
+        finally:
+            answers.put(None)
+            answerer.join()
+
+    def _answer(self, answers: queue.SimpleQueue) -> None:
+        while (flight := answers.get()) is not None:
+            self._guarded(self._finish, flight)
+
+    def _pipeline(self, answers: queue.SimpleQueue) -> None:
         flight: Flight | None = None
         while True:
             if flight is not None:
@@ -224,7 +247,10 @@ class Batcher:
                     with self._cond:
                         self._running -= 1
             if flight is not None and flight.error is None:
-                self._guarded(self._finish, flight)  # N's answers while N+1 runs
+                if launched is not None:
+                    answers.put(flight)  # N's answers while N+1 is launched and runs
+                else:
+                    self._guarded(self._finish, flight)
             flight = launched
 
     def _guarded(self, step: Callable, arg):

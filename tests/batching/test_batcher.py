@@ -647,3 +647,33 @@ def test_a_failed_warmup_is_raised_by_wait_warm_and_close_still_returns(runner):
         batcher.wait_warm()
     batcher.close(drain=False)
     assert runner.batches == []
+
+
+def test_a_pipelined_batcher_launches_the_next_batches_while_the_last_answers_are_still_going_out(runner):
+    # the answers of a batch are sent on a thread of their own once the next batch is launched:
+    # a slow answer (a reply stuck in a socket) must not hold the device back, nor a launch the answers
+    launched = []
+    third_launched = threading.Event()
+
+    def launch(inputs):
+        launched.append(len(inputs["x"]))
+        if len(launched) == 3:
+            third_launched.set()
+        return runner.launch(inputs)
+
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=1, max_queue=64), launch=launch)
+    try:
+        runner.hold()
+        first = batcher.submit(rows(1), FAR)
+        assert runner.started.wait(WAIT)
+        # the first answer is handed out only once the third batch has been launched
+        first.add_done_callback(lambda _: third_launched.wait(WAIT))
+        rest = [batcher.submit(rows(1, start=i), FAR) for i in (1, 2)]
+        runner.release()
+        assert third_launched.wait(WAIT), "the batcher waited for the first batch's answers"
+        for i, future in zip((0, 1, 2), [first, *rest], strict=True):
+            assert np.array_equal(future.result(WAIT)["y"], expected(rows(1, start=i)))
+    finally:
+        third_launched.set()
+        batcher.close()
+    assert launched == [1, 1, 1]
