@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handlers import elf
+from handlers import aoti_nogil, elf
 from handlers.base import Handler, batch_signature
 from handlers.torch_common import PRECISIONS, TorchRunner, check_batch, output_names, release_cuda_memory
 from serving.errors import ConfigError, ServingError
@@ -122,9 +122,12 @@ class AotiHandler(Handler):
         check_runtime_linkage(artifact.path)
         index = (device.index or 0) if device.kind == "cuda" else -1
         self.model = torch._inductor.aoti_load_package(str(artifact.path), device_index=index)
+        # torch's own call holds the GIL through every kernel launch: use the GIL-free one if it builds
+        call = aoti_nogil.runner_for(self.model) if config.extra.get("aoti_release_gil", True) else None
+        self.releases_gil = call is not None
         # Inputs keep the dtype the user sent; the compiled kernels check it against the wrapper.
         self.runner = TorchRunner(
-            self.model,
+            call or self.model,
             device,
             config,
             [s.name for s in self.signature.inputs],
