@@ -411,7 +411,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
                         help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
     parser.add_argument(
-        "--reuse", action="store_true", help="keep artifacts an earlier run left in --out instead of building them"
+        "--reuse",
+        action="store_true",
+        help="keep artifacts an earlier run left in --out instead of building them",
     )
     parser.add_argument(
         "--profile", type=Path, default=None, help="write py-spy profiles of the host and a frontend here"
