@@ -9,19 +9,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from functools import partial
 
+from serving.batching.flights import Flights
 from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
 from serving.batching.records import Flight, Launch, Part, Request, settle
 from serving.batching.shaping import (
     Allocate,
-    check_outputs,
-    concatenate,
     count_rows,
-    padded_size,
     shape_key,
-    take_rows,
 )
 from serving.batching.stats import BatchStats
 from serving.errors import (
@@ -35,9 +31,6 @@ from serving.errors import (
 from serving.types import Tensors
 
 log = logging.getLogger(__name__)
-
-# Weight of the newest batch in the running compute-time average behind Retry-After.
-_EMA_WEIGHT = 0.2
 
 
 class Batcher:
@@ -56,9 +49,8 @@ class Batcher:
     batch is assembled in, such as the runner's pinned staging buffers: one copy fewer per batch.
 
     ``warmup`` runs first on every worker thread, and batches then run only on those threads
-    (``run_here`` is ignored): what a warm-up builds may belong to the thread that built it, as
-    cuDNN's execution plans do (a plan made on the loading thread was made again, ~40 ms of CPU
-    per new batch shape, on the thread that served it). :meth:`wait_warm` returns when done.
+    (``run_here`` is ignored): what a warm-up builds may belong to its thread, as cuDNN's
+    execution plans do. :meth:`wait_warm` returns when every worker is warm.
     """
 
     def __init__(
@@ -74,11 +66,12 @@ class Batcher:
         clock: Callable[[], float] = time.time,
     ):
         policy.validate()
-        self._run = run
         self._launch = launch if policy.concurrent_batches == 1 else None
-        self._allocate = allocate if self._launch is not None else None
+        allocate = allocate if self._launch is not None else None
+        self._flights = Flights(
+            run, policy, launch=self._launch, allocate=allocate, observe=observe, clock=clock, name=name
+        )
         self._policy = policy
-        self._observe = observe
         self._name = name
         self._clock = clock
         self._cap = policy.max_batch_size if policy.splittable else 1
@@ -86,7 +79,6 @@ class Batcher:
         self._queue: deque[Request] = deque()
         self._queued_rows = 0
         self._rows_by_key: dict[Hashable, int] = {}
-        self._compute_avg = 0.0
         self._closing = False
         self._cond = threading.Condition()
         self._parts_lock = threading.Lock()
@@ -228,7 +220,9 @@ class Batcher:
         flight: Flight | None = None
         while True:
             if flight is not None:
-                self._guarded(self._await, flight)  # the device finishes N; the GIL is free meanwhile
+                self._guarded(
+                    self._flights.collect, flight
+                )  # the device finishes N; the GIL is free meanwhile
                 if flight.error is not None:
                     # failed: answer at once, so the rest of a split request is not launched
                     self._guarded(self._finish, flight)
@@ -242,7 +236,7 @@ class Batcher:
                 return
             launched = None
             if parts is not None:
-                launched = self._guarded(self._begin, parts)
+                launched = self._guarded(self._flights.begin, parts)
                 if launched is None:  # a bug, already failed and logged: the runner is free again
                     with self._cond:
                         self._running -= 1
@@ -386,54 +380,9 @@ class Batcher:
 
     def _execute(self, parts: list[Part]) -> None:
         """Run one batch and hand every request its rows, or the batch's error."""
-        flight = self._begin(parts)
-        self._await(flight)
+        flight = self._flights.begin(parts)
+        self._flights.collect(flight)
         self._finish(flight)
-
-    def _begin(self, parts: list[Part]) -> Flight:
-        """Build the batch and start it: launched (pipelined) or run to the end."""
-        start = self._clock()
-        queue_times = tuple(start - request.submitted for request, _, _ in parts)
-        rows = sum(stop - first for _, first, stop in parts)
-        size = padded_size(rows, self._policy.batch_sizes)
-        first_request, first, stop = parts[0]
-        whole = len(parts) == 1 and size == rows and stop - first == first_request.rows
-        if not self._policy.splittable or whole:
-            batch = first_request.inputs
-        else:
-            pieces = [take_rows(request.inputs, a, b) for request, a, b in parts]
-            batch = concatenate(pieces, size, self._allocate)
-        flight = Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
-        flight.began = self._clock()
-        try:
-            if self._launch is not None:
-                flight.collect = self._launch(batch)
-            else:
-                flight.collect = partial(self._run, batch)
-        except ServingError as exc:
-            flight.error = exc
-        except Exception as exc:
-            flight.error = ModelError(f"{type(exc).__name__}: {exc}")
-        return flight
-
-    def _await(self, flight: Flight) -> None:
-        """Wait for the batch's outputs (or its error) and report its stats."""
-        if flight.error is None:
-            try:
-                outputs = flight.collect()
-                if self._policy.splittable:
-                    outputs = check_outputs(outputs, flight.size)
-                flight.outputs = outputs
-            except ServingError as exc:
-                flight.error = exc
-            except Exception as exc:
-                flight.error = ModelError(f"{type(exc).__name__}: {exc}")
-        flight.collect = None
-        compute = self._clock() - flight.began
-        self._compute_avg += _EMA_WEIGHT * (compute - self._compute_avg)
-        self._report(
-            BatchStats(flight.rows, flight.size - flight.rows, len(flight.parts), flight.queue_times, compute)
-        )
 
     def _finish(self, flight: Flight) -> None:
         """Hand every request of the batch its rows, or the batch's error."""
@@ -450,15 +399,7 @@ class Batcher:
         for request, _, _ in parts:
             settle(request, error=error)
 
-    def _report(self, stats: BatchStats) -> None:
-        if self._observe is None:
-            return
-        try:
-            self._observe(stats)
-        except Exception:  # metrics must never take the model down
-            log.exception("batch observer of model %s failed", self._name)
-
     def _retry_after(self) -> int:
         """Retry-After: whole seconds the rows already queued would take to run, at least 1."""
         batches_ahead = math.ceil(self._queued_rows / self._cap)
-        return max(1, math.ceil(batches_ahead * self._compute_avg))
+        return max(1, math.ceil(batches_ahead * self._flights.compute_avg))
