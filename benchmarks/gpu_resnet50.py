@@ -267,9 +267,8 @@ def profile(
         "200",
         "-d",
         str(int(seconds)),
-        *(
-            [] if native else ["--nonblocking"]
-        ),  # py-spy reads native stacks only while the process is stopped
+        # py-spy reads native stacks only while the process is stopped
+        *([] if native else ["--nonblocking"]),
         "--threads",
         *(["--gil"] if gil else []),
         *(["--native"] if native else []),

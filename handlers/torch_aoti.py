@@ -123,7 +123,10 @@ class AotiHandler(Handler):
         index = (device.index or 0) if device.kind == "cuda" else -1
         self.model = torch._inductor.aoti_load_package(str(artifact.path), device_index=index)
         # torch's own call holds the GIL through every kernel launch: use the GIL-free one if it builds
-        call = aoti_nogil.runner_for(self.model) if config.extra.get("aoti_release_gil", True) else None
+        release_gil = config.extra.get("aoti_release_gil", True)
+        if not isinstance(release_gil, bool):
+            raise ConfigError(f"aoti_release_gil must be true or false, not {release_gil!r}")
+        call = aoti_nogil.runner_for(self.model) if release_gil else None
         self.releases_gil = call is not None
         # Inputs keep the dtype the user sent; the compiled kernels check it against the wrapper.
         self.runner = TorchRunner(

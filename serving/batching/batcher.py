@@ -14,11 +14,7 @@ from serving.batching.flights import Flights
 from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
 from serving.batching.records import Flight, Launch, Part, Request, settle
-from serving.batching.shaping import (
-    Allocate,
-    count_rows,
-    shape_key,
-)
+from serving.batching.shaping import Allocate, count_rows, shape_key
 from serving.batching.stats import BatchStats
 from serving.errors import (
     DeadlineExceeded,
@@ -220,9 +216,8 @@ class Batcher:
         flight: Flight | None = None
         while True:
             if flight is not None:
-                self._guarded(
-                    self._flights.collect, flight
-                )  # the device finishes N; the GIL is free meanwhile
+                # the device finishes N; the GIL is free meanwhile
+                self._guarded(self._flights.collect, flight)
                 if flight.error is not None:
                     # failed: answer at once, so the rest of a split request is not launched
                     self._guarded(self._finish, flight)

@@ -115,3 +115,10 @@ def test_without_the_extension_the_handler_falls_back_to_torchs_call(
     np.testing.assert_allclose(
         handler.predict({"input": small})["output"], expected(model, small), rtol=1e-5, atol=1e-6
     )
+
+
+def test_aoti_release_gil_must_be_a_boolean(aoti_package):
+    from serving.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="aoti_release_gil must be true or false"):
+        loaded(aoti_package, ModelConfig(extra={"aoti_release_gil": "false"}))
