@@ -19,6 +19,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from serving import codecs
 from serving.errors import BadRequest, NotFound, PayloadTooLarge, ServingError, from_status
 from serving.http.routing import HostRouter
+from serving.ipc.client import check_reply, infer_message, infer_result, invoke_message, invoke_result
 from serving.settings import Settings
 from serving.types import RawRequest
 
@@ -44,6 +45,7 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
     app = Flask("onebox")
     invocations_ = Invocations(settings, router)
     app.wsgi_app = invocations_.middleware(app.wsgi_app)
+    app.extensions["onebox.invocations"] = invocations_  # the event-loop worker's fast path
 
     @app.get("/ping")
     def ping():
@@ -113,41 +115,69 @@ class Invocations:
     def answer(self, environ: dict) -> tuple[int, list[tuple[str, str]], bytes]:
         """Status, headers and body for one invocation; errors become their JSON answers."""
         try:
-            return self._invoke(environ)
-        except ServingError as err:
+            deadline = self.deadline(environ)
+            body = _read_body(environ, self.settings.max_payload_bytes)
+            prepared = self.prepare(environ, body, self.router.describe(self.model, deadline), deadline)
+            return prepared.finish(*self.router.call(prepared.header, prepared.buffers, deadline))
+        except Exception as err:  # every failure becomes an answer
+            return self.failed(err)
+
+    def failed(self, err: Exception) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The answer to an invocation that raised ``err``: its JSON error, or a bare 500 for a bug
+        (the traceback goes to the log, never to the client)."""
+        if isinstance(err, ServingError):
             if int(err.status) >= 500:
                 log.warning("POST /invocations -> %d: %s", int(err.status), err.message)
             return _error_parts(err)
-        except Exception:  # a bug: the traceback goes to the log, never to the client
-            log.exception("unhandled error on POST /invocations")
-            return 500, _headers("application/json", INTERNAL_ERROR), INTERNAL_ERROR
+        log.error("unhandled error on POST /invocations", exc_info=err)
+        return 500, _headers("application/json", INTERNAL_ERROR), INTERNAL_ERROR
 
-    def _invoke(self, environ: dict) -> tuple[int, list[tuple[str, str]], bytes]:
-        settings, router, model = self.settings, self.router, self.model
-        deadline = _deadline(settings, environ.get(TIMEOUT_ENVIRON))
-        body = _read_body(environ, settings.max_payload_bytes)
+    def deadline(self, environ: dict) -> float:
+        """When the request's answer is due (``time.time()``), from the settings and its header."""
+        return _deadline(self.settings, environ.get(TIMEOUT_ENVIRON))
+
+    def prepare(self, environ: dict, body: bytes, info: dict, deadline: float) -> Prepared:
+        """Everything before the host call: the checks, the decoding and the message to send,
+        for a model the host described as ``info``; and how its answer turns into the response."""
         if not body:
             raise BadRequest("the request body is empty")
         content_type = environ.get("CONTENT_TYPE")
-        info = router.describe(model, deadline)
         if info["raw"]:
-            return self._invoke_raw(environ, body, content_type or "", deadline)
+            accept = environ.get("HTTP_ACCEPT") or ""
+            if not accept or accept.strip() == "*/*":
+                accept = self.settings.default_accept
+            raw = RawRequest(body, content_type or "", accept, environ.get(CUSTOM_ATTRIBUTES_ENVIRON))
+            return Prepared(*invoke_message(self.model, raw), _finish_raw)
         media = codecs.parse_media_type(content_type)
-        accept = codecs.negotiate(environ.get("HTTP_ACCEPT"), settings.default_accept)
-        inputs = codecs.decode(body, media, router.input_specs(model))
-        payload = codecs.encode(router.infer(model, inputs, deadline), accept)
-        return 200, _headers(accept, payload), payload
+        accept = codecs.negotiate(environ.get("HTTP_ACCEPT"), self.settings.default_accept)
+        inputs = codecs.decode(body, media, self.router.input_specs(self.model))
+        return Prepared(*infer_message(self.model, inputs), functools.partial(_finish_tensors, accept))
 
-    def _invoke_raw(self, environ: dict, body: bytes, content_type: str, deadline: float):
-        accept = environ.get("HTTP_ACCEPT") or ""
-        if not accept or accept.strip() == "*/*":
-            accept = self.settings.default_accept
-        raw = RawRequest(body, content_type, accept, environ.get(CUSTOM_ATTRIBUTES_ENVIRON))
-        answer = self.router.invoke(self.model, raw, deadline)
-        headers = _headers(answer.content_type, answer.body)
-        if answer.custom_attributes is not None:
-            headers.append((CUSTOM_ATTRIBUTES, answer.custom_attributes))
-        return 200, headers, answer.body
+
+class Prepared:
+    """An invocation ready to go to a host: its message, and ``finish(reply, buffers)``, which
+    checks the host's reply (raising its error) and returns status, headers and body."""
+
+    __slots__ = ("header", "buffers", "_finish")
+
+    def __init__(self, header: dict, buffers: list, finish: Callable):
+        self.header, self.buffers, self._finish = header, buffers, finish
+
+    def finish(self, reply: dict, buffers: list) -> tuple[int, list[tuple[str, str]], bytes]:
+        return self._finish(check_reply(reply), buffers)
+
+
+def _finish_tensors(accept: str, reply: dict, buffers: list) -> tuple[int, list[tuple[str, str]], bytes]:
+    payload = codecs.encode(infer_result(reply, buffers), accept)
+    return 200, _headers(accept, payload), payload
+
+
+def _finish_raw(reply: dict, buffers: list) -> tuple[int, list[tuple[str, str]], bytes]:
+    answer = invoke_result(reply, buffers)
+    headers = _headers(answer.content_type, answer.body)
+    if answer.custom_attributes is not None:
+        headers.append((CUSTOM_ATTRIBUTES, answer.custom_attributes))
+    return 200, headers, answer.body
 
 
 def _read_body(environ: dict, limit: int | None) -> bytes:

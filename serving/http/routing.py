@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from serving.errors import NotReady, ServingError
-from serving.ipc.client import HostClient
+from serving.ipc.client import HostClient, infer_message, infer_result, invoke_message, invoke_result
 from serving.ipc.protocol import SHM_MIN_BYTES
 from serving.types import RawRequest, RawResponse, Tensors, TensorSpec
 
@@ -48,13 +48,18 @@ class HostRouter:
     # -- models --------------------------------------------------------------------------
     def describe(self, model: str, deadline: float) -> dict:
         """The host's description of ``model`` (cached for a moment)."""
-        cached = self._described.get(model)
-        now = time.monotonic()
-        if cached and now - cached[0] < DESCRIBE_TTL_S:
-            return cached[1]
-        info = self._pick().describe(model, deadline)
-        self._described[model] = (now, info)
+        info = self.cached(model)
+        if info is None:
+            info = self.pick().describe(model, deadline)
+            self._described[model] = (time.monotonic(), info)
         return info
+
+    def cached(self, model: str) -> dict | None:
+        """The description of ``model`` if one fetched less than ``DESCRIBE_TTL_S`` ago is at hand."""
+        cached = self._described.get(model)
+        if cached and time.monotonic() - cached[0] < DESCRIBE_TTL_S:
+            return cached[1]
+        return None
 
     def input_specs(self, model: str) -> tuple[TensorSpec, ...]:
         """The model's declared inputs, for decoding a body straight to the right dtypes."""
@@ -66,24 +71,30 @@ class HostRouter:
 
     def infer(self, model: str, inputs: Tensors, deadline: float) -> Tensors:
         """Run decoded inputs on the least busy host (another host if that one is down)."""
-        return self._with_failover(lambda client: client.infer(model, inputs, deadline))
+        return infer_result(*self.call(*infer_message(model, inputs), deadline))
 
     def invoke(self, model: str, request: RawRequest, deadline: float) -> RawResponse:
         """Pass a raw request to a user-script model on the least busy host."""
-        return self._with_failover(lambda client: client.invoke(model, request, deadline))
+        return invoke_result(*self.call(*invoke_message(model, request), deadline))
 
-    def _pick(self, exclude: HostClient | None = None) -> HostClient:
+    def call(self, header: dict, buffers: list, deadline: float) -> tuple[dict, list]:
+        """One message to the least busy host, or to another when that one cannot be reached."""
+        client = self.pick()
+        try:
+            return client.call(header, buffers, deadline)
+        except NotReady as err:
+            if not self.may_fail_over(err):
+                raise
+            return self.pick(exclude=client).call(header, buffers, deadline)
+
+    def pick(self, exclude: HostClient | None = None) -> HostClient:
+        """The host with the fewest calls in flight from this process (other than ``exclude``)."""
         candidates = [c for c in self.clients if c is not exclude] or self.clients
         return min(candidates, key=lambda c: c.outstanding)
 
-    def _with_failover(self, call):
-        client = self._pick()
-        try:
-            return call(client)
-        except NotReady as err:
-            if len(self.clients) == 1 or "not reachable" not in err.message:
-                raise
-            return call(self._pick(exclude=client))
+    def may_fail_over(self, err: NotReady) -> bool:
+        """Whether a call that failed with ``err`` should be tried once on another host."""
+        return len(self.clients) > 1 and "not reachable" in err.message
 
 
 def _not_ready_reason(host: str, health: dict) -> str:

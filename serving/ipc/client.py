@@ -1,11 +1,13 @@
 """The frontend side of the IPC: typed calls to a model host, each with a deadline.
 
-Each thread (each greenlet, under the gevent worker) keeps its own connection to each host, so a
-call never waits for another's answer and answers can never be mixed up. A call that times out
-or breaks closes its connection: a late answer is dropped with the socket instead of reaching
-the next call.
-Large request buffers go through the connection's shared region (protocol.SharedRegion), which
-is dropped with the connection too.
+A :class:`Link` is one connection to a host with one message in flight at a time. Blocking
+callers (``HostClient.call``) keep one link per thread (per greenlet under gevent), so a call
+never waits for another's answer and answers can never be mixed up; the event-loop worker
+(serving.http.loop) borrows idle links from :meth:`HostClient.acquire` and reads their answers
+when its epoll says so. A call that times out or breaks closes its link: a late answer is
+dropped with the socket instead of reaching the next call.
+Large request buffers go through the link's shared region (protocol.SharedRegion), which is
+dropped with the link too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,92 @@ from serving.ipc.protocol import (
 )
 from serving.types import RawRequest, RawResponse, Tensors
 
+#: how long a link's send may wait for room in the socket (a message is sent only when the
+#: link has nothing in flight, so the host's buffer is empty and this is never reached in practice)
+LINK_SEND_TIMEOUT_S = 5.0
+
+
+# -- messages: what a call sends and how its answer reads --------------------------------------
+def infer_message(model: str, inputs: Tensors) -> tuple[dict, list]:
+    """Header and buffers of an ``infer`` call with decoded tensors."""
+    specs, buffers = encode_tensors(inputs)
+    return {"op": "infer", "model": model, "inputs": specs}, buffers
+
+
+def infer_result(reply: dict, buffers: list) -> Tensors:
+    """The named outputs of an ``infer`` answer."""
+    return decode_tensors(reply["outputs"], buffers)
+
+
+def invoke_message(model: str, request: RawRequest) -> tuple[dict, list]:
+    """Header and buffers of an ``invoke`` call (an undecoded request for a user script)."""
+    header = {
+        "op": "invoke",
+        "model": model,
+        "content_type": request.content_type,
+        "accept": request.accept,
+        "custom_attributes": request.custom_attributes,
+    }
+    return header, [request.body]
+
+
+def invoke_result(reply: dict, buffers: list) -> RawResponse:
+    """The user script's answer."""
+    return RawResponse(bytes(buffers[0]), reply["content_type"], reply.get("custom_attributes"))
+
+
+def check_reply(reply: dict) -> dict:
+    """The reply, or the error it carries raised as a :class:`ServingError`."""
+    if not reply.get("ok"):
+        raise from_status(reply.get("status", 500), reply.get("message", "error"), reply.get("headers"))
+    return reply
+
+
+class Link:
+    """One connection to a host: send a message, then receive its answer, one at a time."""
+
+    __slots__ = ("sock", "reader", "region", "shm_min_bytes")
+
+    def __init__(self, socket_path: str, shm_min_bytes: int | None):
+        sock = tune(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        try:
+            sock.connect(socket_path)
+        except OSError as exc:
+            sock.close()
+            raise NotReady(f"the model host is not reachable ({exc.strerror or exc})") from None
+        self.sock = sock
+        self.reader = FrameReader()  # per connection: greenlets may share a thread
+        self.region: SharedRegion | None = None
+        self.shm_min_bytes = shm_min_bytes
+
+    def send(self, header: dict, buffers: list) -> None:
+        """Send one message; buffers from ``shm_min_bytes`` in total go through the region."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        sizes = [v.nbytes for v in views]
+        if self.shm_min_bytes is None or sum(sizes) < self.shm_min_bytes:
+            send_message(self.sock, header, views)
+            return
+        offsets, end = shm_layout(sizes)
+        region = self.region
+        if region is None or region.size < end:
+            if region is not None:
+                region.close()  # the host keeps its own mapping for as long as it needs it
+            region = self.region = SharedRegion(end)
+        region.place(views, offsets)
+        send_message(self.sock, {**header, "shm": sizes}, fds=() if region.attached else [region.fd])
+        region.attached = True
+
+    def receive(self) -> tuple[dict, list] | None:
+        """One ``recv``; the answer once it is whole (for callers told the socket is readable)."""
+        return self.reader.receive(self.sock)
+
+    def close(self) -> None:
+        """Drop the connection and its region (a late reader of the region sees nothing new)."""
+        self.sock.close()
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+
 
 class HostClient:
     """Calls one model host over its Unix socket."""
@@ -41,6 +129,7 @@ class HostClient:
         self.name = name
         self.shm_min_bytes = shm_min_bytes if shm_min_bytes and shm_supported() else None
         self._local = threading.local()
+        self._idle: list[Link] = []  # links of the event loop that have no call in flight
         self._outstanding = 0  # calls in flight from this process, for least-loaded routing
         self._lock = threading.Lock()
 
@@ -52,21 +141,11 @@ class HostClient:
     # -- typed calls ---------------------------------------------------------------------
     def infer(self, model: str, inputs: Tensors, deadline: float) -> Tensors:
         """Run decoded tensors through ``model``; returns its named outputs."""
-        specs, buffers = encode_tensors(inputs)
-        header, out = self.call({"op": "infer", "model": model, "inputs": specs}, buffers, deadline)
-        return decode_tensors(header["outputs"], out)
+        return infer_result(*self.call(*infer_message(model, inputs), deadline))
 
     def invoke(self, model: str, request: RawRequest, deadline: float) -> RawResponse:
         """Pass an undecoded request to a user-script model."""
-        header = {
-            "op": "invoke",
-            "model": model,
-            "content_type": request.content_type,
-            "accept": request.accept,
-            "custom_attributes": request.custom_attributes,
-        }
-        reply, out = self.call(header, [request.body], deadline)
-        return RawResponse(bytes(out[0]), reply["content_type"], reply.get("custom_attributes"))
+        return invoke_result(*self.call(*invoke_message(model, request), deadline))
 
     def describe(self, model: str, deadline: float) -> dict:
         """How ``model`` wants to be called: ``{"raw": bool, "signature": {...}, ...}``."""
@@ -89,26 +168,26 @@ class HostClient:
         """Unload ``model`` once its in-flight requests are done."""
         return self.call({"op": "unload", "model": model}, [], deadline)[0]
 
-    # -- transport -----------------------------------------------------------------------
+    # -- blocking transport --------------------------------------------------------------
     def call(self, header: dict, buffers: list, deadline: float) -> tuple[dict, list]:
         """Send one message and wait for its answer until ``deadline`` (``time.time()`` seconds)."""
         remaining = deadline - time.time()
         if remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before it reached the model")
-        with self._lock:
-            self._outstanding += 1
+        self.started()
         try:
             return self._call(header, buffers, deadline, remaining)
         finally:
-            with self._lock:
-                self._outstanding -= 1
+            self.finished()
 
     def _call(self, header: dict, buffers: list, deadline: float, remaining: float):
-        sock = self._connection()
+        link = getattr(self._local, "link", None)
+        if link is None:
+            link = self._local.link = Link(self.socket_path, self.shm_min_bytes)
         try:
-            sock.settimeout(remaining)
-            self._send(sock, {**header, "deadline": deadline}, buffers)
-            reply, out = recv_message(sock, self._local.reader)
+            link.sock.settimeout(remaining)
+            link.send({**header, "deadline": deadline}, buffers)
+            reply, out = recv_message(link.sock, link.reader)
         except TimeoutError:
             self._drop()
             raise DeadlineExceeded(
@@ -117,54 +196,40 @@ class HostClient:
         except (ConnectionClosed, ConnectionError, OSError) as exc:
             self._drop()
             raise NotReady(f"the model host is not reachable ({exc.__class__.__name__})") from None
-        if not reply.get("ok"):
-            raise from_status(reply.get("status", 500), reply.get("message", "error"), reply.get("headers"))
-        return reply, out
-
-    def _send(self, sock: socket.socket, header: dict, buffers: list) -> None:
-        views = [memoryview(b).cast("B") for b in buffers]
-        sizes = [v.nbytes for v in views]
-        if self.shm_min_bytes is None or sum(sizes) < self.shm_min_bytes:
-            send_message(sock, header, views)
-            return
-        offsets, end = shm_layout(sizes)
-        region = self._region(end)
-        region.place(views, offsets)
-        send_message(sock, {**header, "shm": sizes}, fds=() if region.attached else [region.fd])
-        region.attached = True
-
-    def _region(self, size: int) -> SharedRegion:
-        """This thread's region for its connection, grown (replaced) when too small."""
-        region = getattr(self._local, "region", None)
-        if region is None or region.size < size:
-            if region is not None:
-                region.close()  # the host keeps its own mapping for as long as it needs it
-            region = self._local.region = SharedRegion(size)
-        return region
-
-    def _connection(self) -> socket.socket:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            sock = tune(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                sock.close()
-                raise NotReady(f"the model host is not reachable ({exc.strerror or exc})") from None
-            self._local.sock = sock
-            self._local.reader = FrameReader()  # per connection: greenlets may share a thread
-        return sock
+        return check_reply(reply), out
 
     def _drop(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        self._local.sock = None
-        if sock is not None:
-            sock.close()
-        region = getattr(self._local, "region", None)
-        self._local.region = None  # a late reader of the old region must not see new requests
-        if region is not None:
-            region.close()
+        link = getattr(self._local, "link", None)
+        self._local.link = None
+        if link is not None:
+            link.close()
 
     def close(self) -> None:
         """Close this thread's connection."""
         self._drop()
+
+    # -- for an event loop ---------------------------------------------------------------
+    def started(self) -> None:
+        """Count a call in flight (routing sends the next call to the least busy host)."""
+        with self._lock:
+            self._outstanding += 1
+
+    def finished(self) -> None:
+        """A call counted by :meth:`started` is over."""
+        with self._lock:
+            self._outstanding -= 1
+
+    def acquire(self) -> Link:
+        """An idle link for one call (a new one when all are busy); for one event-loop thread.
+
+        Its socket is in timeout mode: receive only when epoll says it is readable.
+        """
+        if self._idle:
+            return self._idle.pop()
+        link = Link(self.socket_path, self.shm_min_bytes)
+        link.sock.settimeout(LINK_SEND_TIMEOUT_S)
+        return link
+
+    def release(self, link: Link) -> None:
+        """Give back a link whose answer was read in full."""
+        self._idle.append(link)

@@ -16,6 +16,7 @@ import pytest
 
 from serving.errors import QueueFull
 from serving.http.app import create_app
+from serving.ipc.protocol import decode_tensors, encode_tensors
 from serving.settings import Settings
 
 
@@ -32,9 +33,11 @@ class Router:
     def input_specs(self, model):
         return ()
 
-    def infer(self, model, inputs, deadline):
+    def call(self, header, buffers, deadline):
+        """The host's side of an infer message: decode, run ``infer``, encode the answer."""
         self.calls += 1
-        return self._infer(inputs)
+        specs, out = encode_tensors(self._infer(decode_tensors(header["inputs"], buffers)))
+        return {"ok": True, "outputs": specs}, out
 
     def ready(self):
         return True
