@@ -282,7 +282,7 @@ def profile(
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1, worker_class: str = "gthread", sync: str = "auto", pipeline: bool = True,
+           lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: bool = True,
            sizes: tuple[int, ...] = GRAPH_SIZES) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind))
@@ -389,8 +389,9 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per served point")
     parser.add_argument("--workers", type=int, default=8, help="frontend processes")
-    parser.add_argument("--threads", type=int, default=64, help="threads per frontend process")
-    parser.add_argument("--worker-class", choices=("gthread", "gevent"), default="gthread",
+    parser.add_argument("--threads", type=int, default=64,
+                        help="threads per frontend process (the loop worker's pool for other routes)")  # fmt: skip
+    parser.add_argument("--worker-class", choices=("loop", "gthread", "gevent"), default="loop",
                         help="the frontends' gunicorn worker class (ONEBOX_FRONTEND_WORKER_CLASS)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("/tmp/onebox-gpu"))
     parser.add_argument("--hosts", type=lambda t: [int(h) for h in t.split(",")], default=[1],

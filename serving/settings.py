@@ -34,7 +34,8 @@ class Settings:
     safe_port_range: tuple[int, int] | None = None
     workers: int = 2  # gunicorn frontend processes
     threads: int = 32  # threads per frontend; high so /ping never queues behind inference
-    worker_class: str = "gthread"  # gunicorn worker of the frontends: gthread, or gevent (one thread)
+    # gunicorn worker of the frontends: loop (serving.http.loop), gthread, or gevent (one thread)
+    worker_class: str = "loop"
     timeout_s: float = 60.0  # default per-request deadline
     graceful_timeout_s: float = 25.0  # SIGTERM -> in-flight requests get this long to finish
     max_payload_bytes: int | None = 6 * MB  # None: no limit (batch transform MaxPayloadInMB=0)
@@ -86,7 +87,9 @@ class Settings:
             safe_port_range=env.get("SAGEMAKER_SAFE_PORT_RANGE", _port_range, None),
             workers=env.get("SAGEMAKER_MODEL_SERVER_WORKERS", _positive_int, min(os.cpu_count() or 1, 4)),
             threads=env.get("ONEBOX_FRONTEND_THREADS", _positive_int, 32),
-            worker_class=env.get("ONEBOX_FRONTEND_WORKER_CLASS", _choice("gthread", "gevent"), "gthread"),
+            worker_class=env.get(
+                "ONEBOX_FRONTEND_WORKER_CLASS", _choice("loop", "gthread", "gevent"), "loop"
+            ),
             timeout_s=timeout,
             graceful_timeout_s=env.get("ONEBOX_GRACEFUL_TIMEOUT", _positive_float, 25.0),
             max_payload_bytes=env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", _payload_mb, 6 * MB),

@@ -22,6 +22,9 @@ from serving.http.routing import HostRouter
 from serving.ipc.directory import read_hosts_file
 from serving.settings import Settings
 
+#: onebox's own worker class, by the name ONEBOX_FRONTEND_WORKER_CLASS gives it
+WORKER_CLASSES = {"loop": "serving.http.loop.LoopWorker"}
+
 
 class FrontendApplication(BaseApplication):
     """gunicorn configured from :class:`Settings`, serving :func:`create_app`."""
@@ -36,7 +39,8 @@ class FrontendApplication(BaseApplication):
         options = {
             "bind": f"{s.bind_host}:{s.port}",
             "workers": s.workers,
-            "worker_class": s.worker_class,  # gevent: gunicorn patches the worker's sockets itself
+            # gevent: gunicorn patches the worker's sockets itself
+            "worker_class": WORKER_CLASSES.get(s.worker_class, s.worker_class),
             "threads": s.threads,
             # a worker is only restarted for real hangs; model calls carry their own deadline
             "timeout": int(s.timeout_s) + 30,

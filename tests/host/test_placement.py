@@ -82,8 +82,8 @@ def test_requests_go_to_the_host_with_the_fewest_calls_in_flight():
     router = HostRouter([{"name": f"cuda{i}", "socket": f"/nonexistent/{i}.sock"} for i in range(3)])
     for client, outstanding in zip(router.clients, (4, 1, 2), strict=True):
         client._outstanding = outstanding
-    assert router._pick().name == "cuda1"
-    assert router._pick(exclude=router.clients[1]).name == "cuda2"
+    assert router.pick().name == "cuda1"
+    assert router.pick(exclude=router.clients[1]).name == "cuda2"
 
 
 def test_several_hosts_per_gpu_each_get_their_own_socket(tmp_path, four_gpus):

@@ -47,7 +47,7 @@ def test_64_concurrent_clients_each_get_their_own_answer(server):
         np.testing.assert_allclose(got, models.reference(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+@pytest.mark.parametrize("worker_class", ["loop", "gthread", "gevent"])
 def test_bodies_through_shared_memory_come_back_to_their_own_senders(tmp_path, worker_class):
     # from 4 KiB (ONEBOX_IPC_SHM_MIN_BYTES) the tensors cross to the host through each frontend
     # thread's (or greenlet's) shared-memory region, which every call on it rewrites; answers of

@@ -101,4 +101,4 @@ def test_the_gevent_worker_class_needs_gevent_installed(monkeypatch):
     )
     with pytest.raises(ConfigError, match=r"pip install 'onebox\[gevent\]'"):
         Settings.from_env({"ONEBOX_FRONTEND_WORKER_CLASS": "gevent"})
-    assert Settings.from_env({}).worker_class == "gthread"
+    assert Settings.from_env({}).worker_class == "loop"

@@ -1,0 +1,231 @@
+"""One client connection and one host call of the ``loop`` worker (serving.http.loop).
+
+A :class:`Connection` reads a head, reads its body straight into one buffer, waits while its
+request is with a host, and writes the answer, head and body in one ``sendmsg`` (the rest when
+the socket has room); pipelined requests wait in its buffer. A :class:`Call` is one request at a
+host: its link's socket sits in the worker's epoll until the answer is whole.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from gunicorn import util
+
+from serving.errors import NotReady
+from serving.http.wire import HEAD_MAX, parse_head, response_head
+from serving.ipc.protocol import ConnectionClosed
+
+if TYPE_CHECKING:
+    from serving.http.loop import LoopWorker
+
+HEAD_RECV = 16 * 1024  # a head, with room for a whole small body
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
+
+
+class Connection:
+    """One client connection in the loop: reading a head, reading a body, waiting, writing."""
+
+    __slots__ = ("worker", "sock", "fd", "addr", "listener", "buf", "head", "info", "body", "got", "out",
+                 "in_flight", "close_after", "paused", "closed", "active")  # fmt: skip
+
+    def __init__(self, worker: LoopWorker, sock: socket.socket, addr, listener):
+        self.worker, self.sock, self.fd, self.addr, self.listener = (
+            worker,
+            sock,
+            sock.fileno(),
+            addr,
+            listener,
+        )
+        self.buf = bytearray()  # bytes read past the current request (a head, pipelined requests)
+        self.head = None  # the request being read or answered (serving.http.wire.Head)
+        self.info: dict | None = None  # the model's description when its head was read
+        self.body: bytearray | None = None
+        self.got = 0
+        self.out: list[memoryview] = []  # what the socket has not taken of an answer yet
+        self.in_flight = False  # the request is with a host
+        self.close_after = False  # the answer being written is the connection's last
+        self.paused = False  # not reading: pipelined requests piled up behind the current one
+        self.closed = False
+        self.active = time.monotonic()
+
+    def waiting_for_request(self) -> bool:
+        return self.head is None and not self.buf and not self.out
+
+    def idle(self, now: float, keepalive: float) -> bool:
+        """Nothing going on for longer than ``keepalive`` (a half-sent request counts too)."""
+        return not self.in_flight and not self.out and now - self.active > keepalive
+
+    def event(self, events: int) -> None:
+        if events & OUT:
+            self._write()
+        if events & (IN | _GONE) and not self.closed:
+            self._read()
+
+    def _read(self) -> None:
+        self.active = time.monotonic()
+        if self.body is not None and not self.in_flight:
+            self._read_body()
+            return
+        try:
+            # a head, and the start of its body: the rest goes straight into the body's buffer
+            data = self.sock.recv(HEAD_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client is gone: a late answer for it is dropped
+            self.close()
+            return
+        self.buf += data
+        if self.head is None and not self.out:
+            self.read_head()
+        elif len(self.buf) > HEAD_MAX:  # pipelining faster than it is answered: wait
+            self.paused = True
+            self.worker.ep.modify(self.fd, OUT if self.out else 0)
+
+    def _read_body(self) -> None:
+        try:
+            n = self.sock.recv_into(memoryview(self.body)[self.got :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self.close()
+            return
+        self.got += n
+        if self.got == len(self.body):
+            self._start()
+
+    def read_head(self) -> None:
+        """Parse a head from ``buf`` once it is whole; start the body or hand the request off."""
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > HEAD_MAX:
+                self.worker.hand_off(self, bytes(self.buf))
+            return
+        worker = self.worker
+        head = parse_head(bytes(self.buf[:end]))
+        info = worker.router.cached(worker.invocations.model)
+        if head is None or info is None or (worker.limit is not None and head.length > worker.limit):
+            worker.hand_off(self, bytes(self.buf))
+            return
+        start = end + 4
+        have = min(len(self.buf) - start, head.length)
+        self.head, self.info, self.body, self.got = head, info, bytearray(head.length), have
+        self.body[:have] = memoryview(self.buf)[start : start + have]
+        del self.buf[: start + have]
+        if have == head.length:
+            self._start()
+        else:
+            self._read_body()  # most of it has usually arrived with the head
+
+    def _start(self) -> None:
+        self.in_flight = True
+        self.worker.start(self, self.head.environ, self.info, self.body)
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Send an answer to the current request (dropped if the client is gone)."""
+        self.in_flight = False
+        if self.closed:
+            return
+        self.close_after = not (self.head.keep_alive and self.worker.alive)
+        head = response_head(self.head.version, status, headers, not self.close_after)
+        self.head = self.info = self.body = None
+        try:
+            sent = self.sock.sendmsg([head, body])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(head) + len(body):  # rare: a slow reader or a large answer
+            self.out = [memoryview(head + body)[sent:]]
+            self.worker.ep.modify(self.fd, OUT if self.paused else IN | OUT)
+            return
+        self._answered()
+
+    def _write(self) -> None:
+        try:
+            sent = self.sock.send(self.out[0])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.active = time.monotonic()
+        self.out[0] = self.out[0][sent:]
+        if self.out[0].nbytes == 0:
+            self.out = []
+            self.worker.ep.modify(self.fd, 0 if self.paused else IN)
+            self._answered()
+
+    def _answered(self) -> None:
+        if self.close_after:
+            self.close()
+            return
+        if self.paused:
+            self.paused = False
+            self.worker.ep.modify(self.fd, IN)
+        if self.buf:
+            self.read_head()  # a pipelined request
+
+    def forget(self) -> None:
+        """Leave the loop without closing (the socket goes elsewhere)."""
+        self.worker.unwatch(self.fd)
+        self.closed = True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.forget()
+            util.close(self.sock)
+
+
+class Call:
+    """One request at a host: its link's socket is in the epoll until the answer is whole."""
+
+    __slots__ = ("worker", "conn", "prepared", "deadline", "timeout", "client", "link", "retried")
+
+    def __init__(self, worker: LoopWorker, conn: Connection, prepared, deadline: float):
+        self.worker, self.conn, self.prepared, self.deadline = worker, conn, prepared, deadline
+        self.timeout = deadline - time.time()
+        self.client = self.link = None
+        self.retried = False
+
+    def event(self, events: int) -> None:
+        try:
+            message = self.link.receive()
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionClosed, ConnectionError, OSError) as exc:
+            client = self.client
+            self.end(broken=True)
+            self.worker.unsent(
+                self, client, NotReady(f"the model host is not reachable ({exc.__class__.__name__})")
+            )
+            return
+        if message is None:
+            return
+        self.end(broken=False)
+        if self.conn.closed:
+            return
+        try:
+            answer = self.prepared.finish(*message)
+        except Exception as err:  # every failure becomes an answer
+            answer = self.worker.invocations.failed(err)
+        self.conn.respond(*answer)
+
+    def end(self, broken: bool) -> None:
+        """Take the link out of the epoll and give it back (or close it, when ``broken``)."""
+        link, self.link = self.link, None
+        self.worker.unwatch(link.sock.fileno())
+        self.client.finished()
+        if broken:
+            link.close()
+        else:
+            self.client.release(link)

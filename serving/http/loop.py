@@ -1,0 +1,295 @@
+"""The ``loop`` frontend worker: one thread and one epoll answer ``POST /invocations`` end to end.
+
+On a GPU host the frontends' CPU per request decides how many images/s reach the device, and a
+gunicorn gevent or gthread worker spends most of it on its own machinery: an HTTP parser that
+reads 8 KiB at a time into a request object and a WSGI environ, a response object writing the
+head and body in separate sends, greenlet or thread switches around every blocking call (the
+gevent worker's profile: gunicorn ~45%, switching and socket wrappers most of the rest).
+
+This worker keeps gunicorn as the process manager (master, signals, heartbeat, graceful
+restarts) and answers the common request itself, as a state machine per connection:
+
+1. read the head; if it is ``POST /invocations`` with a Content-Length within the limit, plain
+   headers (serving.http.wire) and a model description at hand, read the body straight into
+   one buffer of its length;
+2. decode and build the host message (``Invocations.prepare``, the same code as the WSGI path),
+   send it on an idle link to the least busy host, and put the link's socket in the same epoll;
+3. when the answer is whole, encode it (``Prepared.finish``) and send head and body in one
+   ``sendmsg``; a deadline with no answer closes the link and answers 504.
+
+Every other request, and every request whose head the fast path does not read (chunked,
+``Expect``, odd headers, a stale model description, other routes, parse errors), goes to a small
+thread pool where gunicorn's own parser and the Flask app answer it exactly as the gthread worker
+would; the connection comes back to the loop after each answer it keeps alive.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import heapq
+import logging
+import os
+import select
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from gunicorn import http, util
+from gunicorn.http import wsgi
+from gunicorn.workers.base import Worker
+
+from serving.errors import DeadlineExceeded, NotReady
+from serving.http.connection import IN, Call, Connection
+
+log = logging.getLogger("onebox.http")
+
+_RECV = 256 * 1024
+_TICK_S = 1.0  # heartbeat, parent check, idle connections
+
+
+class LoopWorker(Worker):
+    """A gunicorn worker class: ``worker_class = "serving.http.loop.LoopWorker"``."""
+
+    def run(self) -> None:
+        invocations = self.wsgi.extensions["onebox.invocations"]
+        self.invocations, self.router = invocations, invocations.router
+        self.limit = invocations.settings.max_payload_bytes
+        self.keepalive = self.cfg.keepalive or 0
+        self.ep = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.timers: list = []  # (deadline, sequence, call)
+        self.sequence = 0
+        self.posted: collections.deque = collections.deque()  # callables from the pool's threads
+        self.pool = ThreadPoolExecutor(max(self.cfg.threads, 1), thread_name_prefix="onebox-http")
+        for listener in self.sockets:
+            listener.setblocking(False)
+            self._watch(listener.fileno(), _Listener(self, listener), IN | select.EPOLLEXCLUSIVE)
+        self._watch(self.PIPE[0], _Wake(self), IN)  # signals, and the pool's posts
+        try:
+            self._serve()
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _serve(self) -> None:
+        next_tick = 0.0
+        while self.alive or self._busy():
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + _TICK_S
+                self._tick(now)
+                if self.ppid != os.getppid():
+                    self.log.info("Parent changed, shutting down: %s", self)
+                    return
+            timeout = min(next_tick - now, self._next_deadline() - time.time())
+            for fd, events in self.ep.poll(max(timeout, 0.0)):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler.event(events)
+            self._expire(time.time())
+
+    def _tick(self, now: float) -> None:
+        self.notify()
+        if not self.alive:
+            self._stop_listening()
+        for handler in list(self.handlers.values()):
+            if isinstance(handler, Connection) and handler.idle(now, self.keepalive if self.alive else 0):
+                handler.close()
+
+    def _busy(self) -> bool:
+        """Requests still being answered while the worker winds down (gunicorn's graceful timeout
+        ends it otherwise)."""
+        return any(isinstance(h, Connection) and not h.waiting_for_request() for h in self.handlers.values())
+
+    def _stop_listening(self) -> None:
+        for listener in self.sockets:
+            if self.handlers.pop(listener.fileno(), None) is not None:
+                self.ep.unregister(listener.fileno())
+
+    # -- registration, timers, posts -----------------------------------------------------
+    def _watch(self, fd: int, handler: object, events: int) -> None:
+        self.handlers[fd] = handler
+        self.ep.register(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.ep.unregister(fd)
+
+    def _next_deadline(self) -> float:
+        while self.timers and self.timers[0][2].link is None:
+            heapq.heappop(self.timers)  # answered already
+        return self.timers[0][0] if self.timers else float("inf")
+
+    def _expire(self, now: float) -> None:
+        while self.timers and self.timers[0][0] <= now:
+            call = heapq.heappop(self.timers)[2]
+            if call.link is not None:
+                call.end(broken=True)
+                call.conn.respond(*self.invocations.failed(DeadlineExceeded(
+                    f"no answer from the model within the deadline ({call.timeout:.1f}s)"
+                )))  # fmt: skip
+
+    def post(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the loop's thread (from any thread)."""
+        self.posted.append((fn, args))
+        try:
+            os.write(self.PIPE[1], b".")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    # -- the fast path -------------------------------------------------------------------
+    def start(self, conn: Connection, environ: dict, info: dict, body: bytearray) -> None:
+        """Decode a read request and send it to a host, or answer its error."""
+        inv = self.invocations
+        try:
+            deadline = inv.deadline(environ)
+            prepared = inv.prepare(environ, body, info, deadline)
+        except Exception as err:  # every failure becomes an answer
+            conn.respond(*inv.failed(err))
+            return
+        self.send(Call(self, conn, prepared, deadline))
+
+    def send(self, call: Call, exclude=None) -> None:
+        """Send ``call`` on an idle link to the least busy host (once more on another if it
+        cannot be reached)."""
+        client = self.router.pick(exclude)
+        try:
+            link = client.acquire()
+        except NotReady as err:
+            self.unsent(call, client, err)
+            return
+        client.started()
+        try:
+            link.send({**call.prepared.header, "deadline": call.deadline}, call.prepared.buffers)
+        except (ConnectionError, OSError) as exc:
+            link.close()
+            client.finished()
+            self.unsent(call, client, NotReady(f"the model host is not reachable ({exc.__class__.__name__})"))
+            return
+        call.client, call.link = client, link
+        self._watch(link.sock.fileno(), call, IN)
+        self.sequence += 1
+        heapq.heappush(self.timers, (call.deadline, self.sequence, call))
+
+    def unsent(self, call: Call, client, err: NotReady) -> None:
+        if not call.retried and self.router.may_fail_over(err):
+            call.retried = True
+            self.send(call, exclude=client)
+        else:
+            call.conn.respond(*self.invocations.failed(err))
+
+    # -- the slow path: gunicorn's parser and the Flask app, on the pool -------------------
+    def hand_off(self, conn: Connection, data: bytes) -> None:
+        """Give the connection, with the bytes read so far, to a pool thread."""
+        conn.forget()
+        conn.sock.setblocking(True)
+        self.pool.submit(self._serve_slow, conn.sock, conn.addr, conn.listener, data)
+
+    def adopt(self, sock: socket.socket, addr, listener, data: bytes) -> None:
+        """Take a connection (back) into the loop, with bytes already read from it."""
+        if not self.alive:
+            util.close(sock)
+            return
+        sock.setblocking(False)
+        conn = Connection(self, sock, addr, listener)
+        self._watch(sock.fileno(), conn, IN)
+        if data:
+            conn.buf += data
+            conn.read_head()
+
+    def _serve_slow(self, sock: socket.socket, addr, listener, data: bytes) -> None:
+        req = None
+        try:
+            sock.settimeout(self.keepalive or None)
+            parser = http.RequestParser(self.cfg, sock, addr)
+            parser.unreader.unread(data)
+            req = next(parser)
+            if self._handle_slow(listener, req, sock, addr) and _finish_body(parser, req):
+                rest = parser.unreader.buf.getvalue()
+                self.post(self.adopt, sock, addr, listener, rest)
+                return
+        except (StopIteration, http.errors.NoMoreData, TimeoutError):
+            pass  # the client is done, went away, or went quiet
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+        except BaseException as exc:
+            self.handle_error(req, sock, addr, exc)
+        util.close(sock)
+
+    def _handle_slow(self, listener, req, sock, addr) -> bool:
+        """Answer one request through the WSGI app; whether the connection stays open."""
+        environ, resp = {}, None
+        try:
+            self.cfg.pre_request(self, req)
+            resp, environ = wsgi.create(req, sock, addr, listener.getsockname(), self.cfg)
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                for item in respiter:
+                    resp.write(item)
+                resp.close()
+            finally:
+                if hasattr(respiter, "close"):
+                    respiter.close()
+        except OSError:
+            raise
+        except Exception:
+            if resp is not None and resp.headers_sent:
+                self.log.exception("Error handling request")
+                return False
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return self.alive and not resp.should_close()
+
+
+def _finish_body(parser, req) -> bool:
+    """Read what the app left of the request's body, so the next request starts clean."""
+    finish = getattr(parser, "finish_body", None)
+    if finish is not None:
+        return finish()
+    while req.body.read(_RECV):
+        pass
+    return True
+
+
+class _Listener:
+    __slots__ = ("worker", "sock")
+
+    def __init__(self, worker: LoopWorker, sock):
+        self.worker, self.sock = worker, sock
+
+    def event(self, events: int) -> None:
+        for _ in range(64):
+            try:
+                client, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
+                    return
+                raise
+            if client.family != socket.AF_UNIX:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            util.close_on_exec(client)
+            self.worker.adopt(client, addr, self.sock, b"")
+
+
+class _Wake:
+    __slots__ = ("worker",)
+
+    def __init__(self, worker: LoopWorker):
+        self.worker = worker
+
+    def event(self, events: int) -> None:
+        try:
+            os.read(self.worker.PIPE[0], 4096)
+        except BlockingIOError:
+            pass
+        posted = self.worker.posted
+        while posted:
+            fn, args = posted.popleft()
+            fn(*args)
