@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers), "ONEBOX_FRONTEND_THREADS": str(args.threads),
            "SAGEMAKER_CONTAINER_LOG_LEVEL": "WARNING"}  # fmt: skip
     print(f"machine: {machine()}")
-    print(f"gunicorn: gthread, {args.workers} workers x {args.threads} threads, keep-alive; "
+    print(f"gunicorn: echo gthread, onebox its default (loop); {args.workers} workers x {args.threads} threads, keep-alive; "
           f"{args.repeats} runs of {args.duration:g}s (+{args.warmup:g}s warm-up) each, median shown; the two servers take turns")  # fmt: skip
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             "onebox": (["-m", "serving", "serve", str(model_dir)], model_answer),
         }
         with contextlib.ExitStack() as stack:
-            started = {name: stack.enter_context(Service(cmd, env)) for name, (cmd, _) in servers.items()}
+            # the baseline is Flask under gunicorn's own worker; onebox runs its default (loop)
+            envs = {"echo": {**env, "ONEBOX_FRONTEND_WORKER_CLASS": "gthread"}, "onebox": env}
+            started = {
+                name: stack.enter_context(Service(cmd, envs[name])) for name, (cmd, _) in servers.items()
+            }
             for level in LEVELS:
                 # both servers stay up and take turns, so drift on the machine hits both alike
                 for _ in range(args.repeats):

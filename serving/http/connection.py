@@ -110,8 +110,10 @@ class Connection:
                 self.worker.hand_off(self, bytes(self.buf))
             return
         worker = self.worker
-        head = parse_head(bytes(self.buf[:end]))
-        info = worker.router.cached(worker.invocations.model)
+        head = info = None
+        if worker.invocations is not None:
+            head = parse_head(bytes(self.buf[:end]))
+            info = worker.router.cached(worker.invocations.model)
         if head is None or info is None or (worker.limit is not None and head.length > worker.limit):
             worker.hand_off(self, bytes(self.buf))
             return

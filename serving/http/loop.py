@@ -52,14 +52,17 @@ class LoopWorker(Worker):
     """A gunicorn worker class: ``worker_class = "serving.http.loop.LoopWorker"``."""
 
     def run(self) -> None:
-        invocations = self.wsgi.extensions["onebox.invocations"]
-        self.invocations, self.router = invocations, invocations.router
-        self.limit = invocations.settings.max_payload_bytes
+        # onebox's app answers invocations on the loop; any other WSGI app only through the pool
+        invocations = getattr(self.wsgi, "extensions", {}).get("onebox.invocations")
+        self.invocations = invocations
+        self.router = invocations.router if invocations is not None else None
+        self.limit = invocations.settings.max_payload_bytes if invocations is not None else None
         self.keepalive = self.cfg.keepalive or 0
         self.ep = select.epoll()
         self.handlers: dict[int, object] = {}
         self.timers: list = []  # (deadline, sequence, call)
         self.sequence = 0
+        self.slow = 0  # connections with the pool (counted and uncounted on this thread)
         self.posted: collections.deque = collections.deque()  # callables from the pool's threads
         self.pool = ThreadPoolExecutor(max(self.cfg.threads, 1), thread_name_prefix="onebox-http")
         for listener in self.sockets:
@@ -99,6 +102,8 @@ class LoopWorker(Worker):
     def _busy(self) -> bool:
         """Requests still being answered while the worker winds down (gunicorn's graceful timeout
         ends it otherwise)."""
+        if self.slow:
+            return True
         return any(isinstance(h, Connection) and not h.waiting_for_request() for h in self.handlers.values())
 
     def _stop_listening(self) -> None:
@@ -183,10 +188,17 @@ class LoopWorker(Worker):
         """Give the connection, with the bytes read so far, to a pool thread."""
         conn.forget()
         conn.sock.setblocking(True)
+        self.slow += 1
         self.pool.submit(self._serve_slow, conn.sock, conn.addr, conn.listener, data)
 
-    def adopt(self, sock: socket.socket, addr, listener, data: bytes) -> None:
-        """Take a connection (back) into the loop, with bytes already read from it."""
+    def _slow_done(self) -> None:
+        self.slow -= 1
+
+    def adopt(self, sock: socket.socket, addr, listener, data: bytes, returning: bool = False) -> None:
+        """Take a connection (back, when ``returning`` from the pool) into the loop, with bytes
+        already read from it."""
+        if returning:
+            self.slow -= 1
         if not self.alive:
             util.close(sock)
             return
@@ -206,7 +218,7 @@ class LoopWorker(Worker):
             req = next(parser)
             if self._handle_slow(listener, req, sock, addr) and _finish_body(parser, req):
                 rest = parser.unreader.buf.getvalue()
-                self.post(self.adopt, sock, addr, listener, rest)
+                self.post(self.adopt, sock, addr, listener, rest, True)
                 return
         except (StopIteration, http.errors.NoMoreData, TimeoutError):
             pass  # the client is done, went away, or went quiet
@@ -216,6 +228,7 @@ class LoopWorker(Worker):
         except BaseException as exc:
             self.handle_error(req, sock, addr, exc)
         util.close(sock)
+        self.post(self._slow_done)
 
     def _handle_slow(self, listener, req, sock, addr) -> bool:
         """Answer one request through the WSGI app; whether the connection stays open."""

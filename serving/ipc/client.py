@@ -32,10 +32,6 @@ from serving.ipc.protocol import (
 )
 from serving.types import RawRequest, RawResponse, Tensors
 
-#: how long a link's send may wait for room in the socket (a message is sent only when the
-#: link has nothing in flight, so the host's buffer is empty and this is never reached in practice)
-LINK_SEND_TIMEOUT_S = 5.0
-
 
 # -- messages: what a call sends and how its answer reads --------------------------------------
 def infer_message(model: str, inputs: Tensors) -> tuple[dict, list]:
@@ -222,12 +218,14 @@ class HostClient:
     def acquire(self) -> Link:
         """An idle link for one call (a new one when all are busy); for one event-loop thread.
 
-        Its socket is in timeout mode: receive only when epoll says it is readable.
+        Its socket does not block: receive when epoll says it is readable. A send waits only
+        for a message larger than the socket's buffer (shared memory turned off), a link
+        having one message in flight at a time.
         """
         if self._idle:
             return self._idle.pop()
         link = Link(self.socket_path, self.shm_min_bytes)
-        link.sock.settimeout(LINK_SEND_TIMEOUT_S)
+        link.sock.setblocking(False)
         return link
 
     def release(self, link: Link) -> None:

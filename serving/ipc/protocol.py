@@ -23,6 +23,7 @@ import array as arrays
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 
@@ -51,22 +52,37 @@ def send_message(sock: socket.socket, header: dict, buffers: list = (), fds: lis
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [_LEN.pack(len(head)) + head, *[v for v in views if v.nbytes]]
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    if fds:
-        sent = sock.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, arrays.array("i", fds))])
-    else:
-        sent = sock.sendmsg(parts)
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, arrays.array("i", fds))] if fds else []
+    try:
+        sent = sock.sendmsg(parts, ancillary)
+    except BlockingIOError:  # a non-blocking socket with a full buffer
+        if ancillary:
+            raise
+        sent = 0
     if sent < total:  # partial scatter-gather send: finish the rest in order
         _send_rest(sock, parts, sent)
 
 
 def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
+    """The rest of a message; on a non-blocking socket, waiting for room up to ``SEND_WAIT_S``."""
     for part in parts:
         view = memoryview(part).cast("B")
         if sent >= view.nbytes:
             sent -= view.nbytes
             continue
-        sock.sendall(view[sent:])
+        view = view[sent:]
         sent = 0
+        while view.nbytes:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                if not select.select([], [sock], [], SEND_WAIT_S)[1]:
+                    raise TimeoutError("the peer takes no more of an IPC message") from None
+
+
+#: how long a non-blocking sender waits for room in the socket (the event-loop frontend's links,
+#: for a message larger than the socket's buffer: shared memory turned off)
+SEND_WAIT_S = 5.0
 
 
 def recv_message(sock: socket.socket, reader: FrameReader | None = None) -> tuple[dict, list]:

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from serving.ipc.protocol import tune
 from tests.support import models
-from tests.support.server import Server
+from tests.support.server import Server, free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +222,54 @@ def test_malformed_heads_get_gunicorns_400_and_the_worker_keeps_serving(server, 
     with _connect(server) as sock:
         sock.sendall(_invocation(x))
         assert _Answers(sock).next()[0] == 200
+
+
+def test_without_shared_memory_a_request_larger_than_the_socket_buffer_reaches_the_host_whole(tmp_path):
+    # ONEBOX_IPC_SHM_MIN_BYTES=0: a request 1.5x the links' socket buffer crosses the link's
+    # non-blocking socket in pieces, the loop waiting for room between them
+    pytest.importorskip("onnxruntime")
+    with tune(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as probe:
+        large = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) * 3 // 2 // 16  # rows of 16 bytes
+    model_dir = models.onnx_model(tmp_path / "onnx")
+    env = {
+        "ONEBOX_FRONTEND_WORKER_CLASS": "loop",
+        "ONEBOX_MAX_QUEUE": "1000000",
+        "ONEBOX_IPC_SHM_MIN_BYTES": "0",
+    }
+    with Server(model_dir, workers=1, threads=2, env=env) as srv:
+        servers = []
+        for rows in (3, large):  # the first teaches the worker the model's description
+            x = _rows(rows, rows)
+            with _connect(srv) as sock:
+                sock.sendall(_invocation(x))
+                status, headers, body = _Answers(sock).next()
+            assert status == 200, body
+            np.testing.assert_allclose(np.load(io.BytesIO(body)), models.reference(x), rtol=1e-5, atol=1e-6)
+            servers.append(headers["server"])
+    assert servers[1] == "onebox"
+
+
+def test_any_other_wsgi_app_is_served_through_the_pool(tmp_path):
+    # the echo baseline of benchmarks/overhead.py: a bare Flask app under onebox's gunicorn
+    port = free_port()
+    env = {**os.environ, "SAGEMAKER_BIND_TO_PORT": str(port), "ONEBOX_FRONTEND_WORKER_CLASS": "loop",
+           "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "PYTHONPATH": str(REPO)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "echo_app.py")], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                time.sleep(0.05)
+        with sock:
+            body = b'{"a": 1}'
+            for _ in range(2):
+                sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 8\r\n\r\n" + body)  # fmt: skip
+                status, headers, reply = _Answers(sock).next()
+                assert (status, reply) == (200, body) and headers["server"] != "onebox"
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
