@@ -13,11 +13,19 @@ returns None and the handler keeps torch's own call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+_NAME = "onebox_aoti_nogil"
+#: a build takes about a minute; torch's build lock older than this was left by a killed build,
+#: and every later load would wait on it forever
+STALE_LOCK_S = 300.0
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -45,8 +53,9 @@ def _extension():
     from torch.utils import cpp_extension
 
     try:
+        clear_stale_lock(cpp_extension._get_build_directory(_NAME, False))
         return cpp_extension.load_inline(
-            name="onebox_aoti_nogil", cpp_sources=[_SOURCE], extra_cflags=["-O2"], verbose=False
+            name=_NAME, cpp_sources=[_SOURCE], extra_cflags=["-O2"], verbose=False
         )
     except Exception as exc:  # no compiler, no headers: serve with torch's own call instead
         log.warning(
@@ -80,3 +89,26 @@ def runner_for(compiled) -> Callable | None:
         return pytree.tree_unflatten(run(loader, list(tensors)), out_spec)
 
     return call
+
+
+def clear_stale_lock(build_directory: str) -> bool:
+    """Remove torch's build lock in ``build_directory`` if a killed build left it; whether it did.
+
+    torch's ``FileBaton`` waits for the lock file to go away, so a build killed halfway (a
+    timeout, a crashed host) would make every later AOTInductor load hang at this step.
+    """
+    lock = os.path.join(build_directory, "lock")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        return False  # another process is building it now
+    log.warning(
+        "removing %s, %.0f s old: an earlier build of the GIL-free AOTInductor call was interrupted",
+        lock,
+        age,
+    )
+    with contextlib.suppress(OSError):
+        os.remove(lock)
+    return True

@@ -6,6 +6,7 @@ request reader and reply sender for every batch's kernel launches (benchmarks/RE
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -122,3 +123,14 @@ def test_aoti_release_gil_must_be_a_boolean(aoti_package):
 
     with pytest.raises(ConfigError, match="aoti_release_gil must be true or false"):
         loaded(aoti_package, ModelConfig(extra={"aoti_release_gil": "false"}))
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
+    # torch waits for its build lock to go away: a build killed halfway made every later load hang
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not aoti_nogil.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build running now
+    old = time.time() - aoti_nogil.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert aoti_nogil.clear_stale_lock(str(tmp_path)) and not lock.exists()
+    assert not aoti_nogil.clear_stale_lock(str(tmp_path))  # no lock at all
