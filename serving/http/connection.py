@@ -77,9 +77,14 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:  # the client is gone: a late answer for it is dropped
-            self.close()
+            self.close()  # reset: the client is gone, a late answer for it is dropped
+            return
+        if not data:
+            if self.in_flight or self.out:  # half-closed after its request: answer, then close
+                self.close_after = True
+                self.worker.ep.modify(self.fd, OUT if self.out else 0)
+            else:
+                self.close()
             return
         self.buf += data
         if self.head is None and not self.out:
@@ -136,7 +141,7 @@ class Connection:
         self.in_flight = False
         if self.closed:
             return
-        self.close_after = not (self.head.keep_alive and self.worker.alive)
+        self.close_after = self.close_after or not (self.head.keep_alive and self.worker.alive)
         head = response_head(self.head.version, status, headers, not self.close_after)
         self.head = self.info = self.body = None
         try:

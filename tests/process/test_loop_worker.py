@@ -160,6 +160,18 @@ def test_an_answer_that_ends_the_connection_says_so_and_closes_it(server, reques
         assert answers.closed()
 
 
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(server):
+    x = _rows(11)
+    with _connect(server) as sock:
+        sock.sendall(_invocation(x))
+        sock.shutdown(socket.SHUT_WR)  # "nothing more from me" (e.g. nc -N)
+        answers = _Answers(sock)
+        status, headers, body = answers.next()
+        assert status == 200 and headers["connection"] == "close"
+        assert answers.closed()
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), models.reference(x), rtol=1e-5, atol=1e-6)
+
+
 def test_clients_that_leave_before_their_answer_disturb_nobody(server):
     for i in range(20):
         with _connect(server) as sock:
