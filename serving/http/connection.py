@@ -46,7 +46,7 @@ class Connection:
         self.info: dict | None = None  # the model's description when its head was read
         self.body: bytearray | None = None
         self.got = 0
-        self.out: list[memoryview] = []  # what the socket has not taken of an answer yet
+        self.out: memoryview | None = None  # what the socket has not taken of an answer yet
         self.in_flight = False  # the request is with a host
         self.close_after = False  # the answer being written is the connection's last
         self.paused = False  # not reading: pipelined requests piled up behind the current one
@@ -152,23 +152,23 @@ class Connection:
             self.close()
             return
         if sent < len(head) + len(body):  # rare: a slow reader or a large answer
-            self.out = [memoryview(head + body)[sent:]]
+            self.out = memoryview(head + body)[sent:]
             self.worker.ep.modify(self.fd, OUT if self.paused else IN | OUT)
             return
         self._answered()
 
     def _write(self) -> None:
         try:
-            sent = self.sock.send(self.out[0])
+            sent = self.sock.send(self.out)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
         self.active = time.monotonic()
-        self.out[0] = self.out[0][sent:]
-        if self.out[0].nbytes == 0:
-            self.out = []
+        self.out = self.out[sent:]
+        if self.out.nbytes == 0:
+            self.out = None
             self.worker.ep.modify(self.fd, 0 if self.paused else IN)
             self._answered()
 

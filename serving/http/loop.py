@@ -191,14 +191,16 @@ class LoopWorker(Worker):
         self.slow += 1
         self.pool.submit(self._serve_slow, conn.sock, conn.addr, conn.listener, data)
 
-    def _slow_done(self) -> None:
+    def _slow_done(
+        self, sock: socket.socket | None = None, addr=None, listener=None, rest: bytes = b""
+    ) -> None:
+        """A pool thread is done with a connection: it closed it, or gives ``sock`` back."""
         self.slow -= 1
+        if sock is not None:
+            self.adopt(sock, addr, listener, rest)
 
-    def adopt(self, sock: socket.socket, addr, listener, data: bytes, returning: bool = False) -> None:
-        """Take a connection (back, when ``returning`` from the pool) into the loop, with bytes
-        already read from it."""
-        if returning:
-            self.slow -= 1
+    def adopt(self, sock: socket.socket, addr, listener, data: bytes) -> None:
+        """Take a connection (back) into the loop, with bytes already read from it."""
         if not self.alive:
             util.close(sock)
             return
@@ -218,7 +220,7 @@ class LoopWorker(Worker):
             req = next(parser)
             if self._handle_slow(listener, req, sock, addr) and _finish_body(parser, req):
                 rest = parser.unreader.buf.getvalue()
-                self.post(self.adopt, sock, addr, listener, rest, True)
+                self.post(self._slow_done, sock, addr, listener, rest)
                 return
         except (StopIteration, http.errors.NoMoreData, TimeoutError):
             pass  # the client is done, went away, or went quiet

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 
 from serving.errors import NotReady, ServingError
-from serving.ipc.client import HostClient, infer_message, infer_result, invoke_message, invoke_result
+from serving.ipc.client import HostClient
 from serving.ipc.protocol import SHM_MIN_BYTES
-from serving.types import RawRequest, RawResponse, Tensors, TensorSpec
+from serving.types import TensorSpec
 
 DESCRIBE_TTL_S = 2.0
 HEALTH_TIMEOUT_S = 1.0
@@ -68,14 +68,6 @@ class HostRouter:
         if not signature:
             return ()
         return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in signature["inputs"])
-
-    def infer(self, model: str, inputs: Tensors, deadline: float) -> Tensors:
-        """Run decoded inputs on the least busy host (another host if that one is down)."""
-        return infer_result(*self.call(*infer_message(model, inputs), deadline))
-
-    def invoke(self, model: str, request: RawRequest, deadline: float) -> RawResponse:
-        """Pass a raw request to a user-script model on the least busy host."""
-        return invoke_result(*self.call(*invoke_message(model, request), deadline))
 
     def call(self, header: dict, buffers: list, deadline: float) -> tuple[dict, list]:
         """One message to the least busy host, or to another when that one cannot be reached."""
