@@ -112,16 +112,23 @@ class AotiHandler(Handler):
                 f"precision {config.precision} requested, but this AOTInductor package was compiled "
                 f"{compiled}; its precision is fixed at compile time: leave precision out of onebox.toml"
             )
-        if config.cuda_graphs and device.kind == "cuda":
-            # seen on an H100 (torch 2.11): the AOTI runtime makes calls a capture forbids
-            # ("operation not permitted when stream is capturing"; "invalid argument" when relaxed)
+        graphs = bool(config.cuda_graphs) and device.kind == "cuda"
+        sizes = self.signature.batch_sizes or config.batch_sizes
+        if graphs and not sizes:
             raise ConfigError(
-                "cuda_graphs is not supported for AOTInductor packages: their runtime cannot be "
-                "captured in a CUDA graph; leave cuda_graphs out of onebox.toml"
+                "cuda_graphs for an AOTInductor package compiled for a dynamic batch needs "
+                "batch_sizes in onebox.toml: one graph is captured per size, and every batch is "
+                "padded up to one of them"
             )
         check_runtime_linkage(artifact.path)
         index = (device.index or 0) if device.kind == "cuda" else -1
-        self.model = torch._inductor.aoti_load_package(str(artifact.path), device_index=index)
+        # A capture needs the runtime without its thread synchronisation: by default each call
+        # waits on and records CUDA events, which a capturing stream refuses ("operation not
+        # permitted when stream is capturing", seen on an H100). Every batch is then a replay
+        # (all sizes are graphed and captures take a lock), so no two calls share the runtime.
+        self.model = torch._inductor.aoti_load_package(
+            str(artifact.path), run_single_threaded=graphs, device_index=index
+        )
         # torch's own call holds the GIL through every kernel launch: use the GIL-free one if it builds
         release_gil = config.extra.get("aoti_release_gil", True)
         if not isinstance(release_gil, bool):
@@ -134,7 +141,7 @@ class AotiHandler(Handler):
             device,
             config,
             [s.name for s in self.signature.inputs],
-            graph_sizes=self.signature.batch_sizes,
+            graph_sizes=sizes,
             cast_inputs=False,
         )
         self.concurrent_batches = self.runner.concurrency

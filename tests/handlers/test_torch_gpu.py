@@ -231,6 +231,61 @@ def test_cuda_aoti_package_predicts_like_cpu(cuda_aoti_package, torch_artifacts)
     )
 
 
+@pytest.fixture(scope="module")
+def cuda_aoti_dynamic(tmp_path_factory, torch_artifacts):
+    """A CUDA AOTInductor package for any batch of 1 to 8 rows."""
+    _, model = torch_artifacts
+    path = tmp_path_factory.mktemp("aoti_cuda_dynamic") / "model.pt2"
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(
+        model.to("cuda"), (torch.randn(2, 4, device="cuda"),), dynamic_shapes=({0: batch},)
+    )
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    model.to("cpu")
+    return path
+
+
+@pytest.mark.slow
+def test_cuda_aoti_graphs_replay_each_size_its_own_answer(cuda_aoti_dynamic, torch_artifacts):
+    # the runtime is loaded without its thread synchronisation, which is what lets it be captured
+    _, model = torch_artifacts
+    handler = loaded(cuda_aoti_dynamic, ModelConfig(cuda_graphs=True, batch_sizes=(1, 2, 4, 8)))
+    rng = np.random.default_rng(11)
+    for size in (4, 1, 8, 2, 4, 1, 8, 2):  # first of each size captures, the rest replay
+        x = rng.standard_normal((size, 4)).astype(np.float32)
+        np.testing.assert_allclose(
+            handler.predict({"input": x})["output"], cpu_reference(model, x), rtol=1e-3, atol=1e-4
+        )
+    assert {key[0][0][0] for key in handler.runner._captured} == {1, 2, 4, 8}
+    handler.unload()
+
+
+@pytest.mark.slow
+def test_cuda_aoti_graphs_in_two_lanes_never_mix_batches(cuda_aoti_dynamic, torch_artifacts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, model = torch_artifacts
+    config = ModelConfig(cuda_graphs=True, batch_sizes=(2, 4), concurrent_batches=2)
+    handler = loaded(cuda_aoti_dynamic, config)
+    xs = [
+        np.random.default_rng(seed).standard_normal((2 + 2 * (seed % 2), 4)).astype(np.float32)
+        for seed in range(200)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda x: handler.predict({"input": x})["output"], xs))
+    for x, out in zip(xs, outs, strict=True):
+        np.testing.assert_allclose(out, cpu_reference(model, x), rtol=1e-3, atol=1e-4)
+    lanes = [handler.runner._lanes.get() for _ in range(2)]
+    assert [len(lane.graphs) for lane in lanes] == [2, 2]
+
+
+def test_cuda_aoti_graphs_need_batch_sizes_for_a_dynamic_package(cuda_aoti_dynamic):
+    from serving.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs batch_sizes"):
+        loaded(cuda_aoti_dynamic, ModelConfig(cuda_graphs=True))
+
+
 @pytest.mark.slow
 def test_cuda_aoti_package_is_refused_on_cpu(cuda_aoti_package):
     art = detect(cuda_aoti_package.parent)

@@ -161,10 +161,17 @@ def test_aoti_wrapper_with_its_own_libstdcxx_is_refused_before_it_is_loaded(
 
 
 @pytest.mark.slow
-def test_aoti_cuda_graphs_are_refused_with_a_reason(aoti_package):
+def test_aoti_cuda_graphs_of_a_dynamic_batch_need_batch_sizes(aoti_package, monkeypatch):
+    # one graph per batch size, and every batch padded up to one: without sizes nothing is refused late
     import dataclasses
+
+    import handlers.torch_aoti as torch_aoti
 
     art = detect(aoti_package.parent)
     as_cuda = dataclasses.replace(art, details={**art.details, "metadata": {"AOTI_DEVICE_KEY": "cuda"}})
-    with pytest.raises(ConfigError, match="cuda_graphs is not supported for AOTInductor"):
+    signature = torch_aoti.read_wrapper_signature(aoti_package)
+    assert signature.batch_sizes == (2,)  # compiled for batch 2: its one size is graphed
+    dynamic = dataclasses.replace(signature, batch_sizes=())
+    monkeypatch.setattr(torch_aoti, "read_wrapper_signature", lambda path: dynamic)
+    with pytest.raises(ConfigError, match="needs batch_sizes in onebox.toml"):
         handler_class("torch_aoti")().load(as_cuda, Device("cuda", 0), ModelConfig(cuda_graphs=True))
