@@ -45,11 +45,14 @@ from tests.support.server import Server  # noqa: E402
 
 MAX_BATCH = 128
 # the batch sizes a server with CUDA graphs captures and pads up to (--graphs on)
-# every 8 rows up to 64 and 16 above: a batch is padded by at most 15 rows (with 48, 64, 96 only, the
-# 2-host batches of ~63 rows ran padded to ~80 and served 8683 img/s against 9548; RESULTS.md)
+# every 4 rows up to 64 and 8 above: a batch is padded by at most 7 rows. Padding is device time
+# spent on nothing: with 48, 64, 96 only, 2-host TorchScript batches of ~63 rows ran padded to ~80
+# and served 8683 img/s against 9548; with every 8 to 64, 4-host AOTI batches of ~22 ran padded by
+# 17% (15,369 and 12,006 img/s against 17,765 with these sizes, one call). Every size from 1 to 64
+# did no better (13,590 against 15,394): more graphs, not less padding, then cost (RESULTS.md)
 # py-spy with native (C/C++) frames as well, for a host whose time is inside a compiled runtime
 NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
-GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+GRAPH_SIZES = (1, 2, *range(4, 65, 4), *range(72, 129, 8))
 
 
 def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: bool = True,

@@ -50,7 +50,11 @@ class DeviceLikeModel:
 
     def input_buffer(self, name, shape, dtype):
         """As a CUDA runner's staging: one buffer per shape that batches are assembled in."""
-        return self.staging.setdefault((name, shape, dtype.str), np.empty(shape, dtype))
+        key = (name, shape, dtype.str)
+        buffer = self.staging.get(key)
+        if buffer is None:  # not setdefault: that would allocate a new array on every call
+            buffer = self.staging[key] = np.empty(shape, dtype)
+        return buffer
 
     def launch(self, inputs):
         """As a CUDA runner launches: the staging copy now (unless assembled there), device time from now."""
