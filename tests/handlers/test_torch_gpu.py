@@ -279,6 +279,7 @@ def test_cuda_aoti_graphs_in_two_lanes_never_mix_batches(cuda_aoti_dynamic, torc
     assert [len(lane.graphs) for lane in lanes] == [2, 2]
 
 
+@pytest.mark.slow
 def test_cuda_aoti_graphs_need_batch_sizes_for_a_dynamic_package(cuda_aoti_dynamic):
     from serving.errors import ConfigError
 

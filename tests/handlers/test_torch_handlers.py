@@ -162,7 +162,8 @@ def test_aoti_wrapper_with_its_own_libstdcxx_is_refused_before_it_is_loaded(
 
 @pytest.mark.slow
 def test_aoti_cuda_graphs_of_a_dynamic_batch_need_batch_sizes(aoti_package, monkeypatch):
-    # one graph per batch size, and every batch padded up to one: without sizes nothing is refused late
+    # one graph per batch size and every batch padded up to one: a dynamic package without
+    # batch_sizes is refused at load, not left to run its runtime unsynchronised from two lanes
     import dataclasses
 
     import handlers.torch_aoti as torch_aoti
