@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +34,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import server_roles  # noqa: E402
+from benchmarks.harness import batch_totals, server_roles  # noqa: E402
 from handlers.torch_common import capture_graph  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
-from serving.ipc.client import HostClient  # noqa: E402
-from serving.ipc.directory import read_hosts_file  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 MAX_BATCH = 128
@@ -287,7 +284,7 @@ def profile(
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
            lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: bool = True,
-           sizes: tuple[int, ...] = GRAPH_SIZES) -> dict:  # fmt: skip
+           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "2") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind))
     label = label_of(kind, graphs)
@@ -303,6 +300,9 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30",
         "ONEBOX_HOSTS_PER_DEVICE": str(hosts),
         "ONEBOX_FRONTEND_WORKER_CLASS": worker_class,
+        # off: each request its own host call; N: the loop worker gathers, N calls per host in flight
+        "ONEBOX_FRONTEND_GATHER": "false" if gather == "off" else "true",
+        "ONEBOX_FRONTEND_MAX_CALLS": "0" if gather == "off" else gather,
         "ONEBOX_RUN_DIR": tempfile.mkdtemp(prefix="onebox-run-"),
     }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals)
     results = {}
@@ -338,10 +338,12 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             batches = ran["batches"] or 1
             mean_batch, mean_padded = ran["rows"] / batches, (ran["rows"] + ran["padding"]) / batches
             small = sum(count for size, count in ran.items() if isinstance(size, int) and size <= 8) / batches
+            per_call = ran["rows"] / (ran["requests"] or 1)  # requests the frontends gathered into one call
             results[conc] = {
                 "mean_batch": mean_batch,
                 "mean_padded_batch": mean_padded,
                 "small_batches": small,
+                "rows_per_call": per_call,
                 "batch_sizes": {
                     size: n for size, n in sorted(ran.items(), key=str) if isinstance(size, int) and n
                 },
@@ -361,26 +363,11 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             print(
                 f"served  {label:18s} {dtype:7s} conc {conc:3d}: {result.rps:9.0f} img/s  p50 {result.p50_ms:7.2f} ms"
                 f"  p99 {result.p99_ms:7.2f} ms  GPU {gpu.mean:5.1f}%  errors {result.errors or 0}"
-                f"  bad {result.verify_failures}  batch {mean_batch:.1f} (padded {mean_padded:.1f}, {small:.0%} of <=8)  cores: host {gpu.cores('host'):.1f} frontends "
+                f"  bad {result.verify_failures}  batch {mean_batch:.1f} (padded {mean_padded:.1f}, {small:.0%} of <=8, {per_call:.1f} rows/call)  cores: host {gpu.cores('host'):.1f} frontends "
                 f"{gpu.cores('frontend'):.1f} machine {gpu.cores('machine'):.1f}/{os.cpu_count()}",
                 flush=True,
             )
     return results
-
-
-def batch_totals(run_dir: Path) -> Counter:
-    """Batches, rows and padding rows the model has run, and batches per padded size (int keys),
-    summed over every host (their ``stats`` op)."""
-    totals: Counter = Counter()
-    for entry in read_hosts_file(run_dir):
-        client = HostClient(entry["socket"])
-        try:
-            model = client.stats(time.time() + 5)["models"].get("model", {})
-        finally:
-            client.close()
-        totals.update({key: model.get(key, 0) for key in ("batches", "rows", "padding")})
-        totals.update({int(size): count for size, count in model.get("sizes", {}).items()})
-    return totals
 
 
 def main(argv=None) -> int:
@@ -414,6 +401,9 @@ def main(argv=None) -> int:
                         help=f"batch_sizes captured with --graphs on (default {','.join(map(str, GRAPH_SIZES))})")  # fmt: skip
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
                         help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
+    parser.add_argument("--gather", type=lambda t: t.split(","), default=["2"],
+                        help="the loop worker's gathering: off, or N calls in flight per host before requests "
+                             "wait to go together (ONEBOX_FRONTEND_MAX_CALLS; 0: no limit), e.g. off,2")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -441,26 +431,26 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes, sync, pipeline in itertools.product(
-                args.hosts, args.lanes, args.sync, args.pipeline
+            for hosts, lanes, sync, pipeline, gather in itertools.product(
+                args.hosts, args.lanes, args.sync, args.pipeline, args.gather
             ):
                 piped = "pipelined" if pipeline else "serial"
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
-                    f"cuda_sync {sync}, {piped}",
+                    f"cuda_sync {sync}, {piped}, gather {gather}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
                              hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
-                             args.graph_sizes)  # fmt: skip
+                             args.graph_sizes, gather)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
-                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}"] = {
+                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}"] = {
                     "offline": off,
                     "served": srv,
                 }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

@@ -11,11 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from serving.bench import LoadResult, run_load
 from serving.bench.loadgen import Verify
+from serving.ipc.client import HostClient
+from serving.ipc.directory import read_hosts_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,3 +144,19 @@ def server_roles(pid: int) -> dict[str, list]:
         cmd = " ".join(proc.cmdline())
         roles["host" if " host " in f"{cmd} " else "frontend"].append(proc)
     return roles
+
+
+def batch_totals(run_dir: Path, model: str = "model") -> Counter:
+    """Batches, rows, padding rows and requests (host calls: gathered requests count once) the
+    model has run, and batches per padded size (int keys), summed over every host listed in
+    ``run_dir`` (their ``stats`` op; the server must run with ``ONEBOX_RUN_DIR=run_dir``)."""
+    totals: Counter = Counter()
+    for entry in read_hosts_file(run_dir):
+        client = HostClient(entry["socket"])
+        try:
+            stats = client.stats(time.time() + 5)["models"].get(model, {})
+        finally:
+            client.close()
+        totals.update({key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests")})
+        totals.update({int(size): count for size, count in stats.get("sizes", {}).items()})
+    return totals

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Service, machine, server_roles
+from benchmarks.harness import Service, batch_totals, machine, server_roles
 from serving.bench.loadgen import run_load
 
 IMAGE = (1, 3, 224, 224)
@@ -81,11 +81,12 @@ def main(argv=None) -> int:
         return None if out.shape == (1, 1000) and out[0, 0] == want else f"wrong answer {out.shape}"
 
     print(f"{machine()}; {args.workers} frontends x {args.threads} threads, body {len(body)} B")
-    print("  conc |  req/s  p50 ms | CPU us per request: host  frontends  loadgen  total")
+    print("  conc |  req/s  p50 ms | CPU us per request: host  frontends  loadgen  total | rows/call  batch")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
+        run_dir = Path(tmp) / "run"
         env = {"SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers),
-               "ONEBOX_FRONTEND_THREADS": str(args.threads)}  # fmt: skip
+               "ONEBOX_FRONTEND_THREADS": str(args.threads), "ONEBOX_RUN_DIR": str(run_dir)}  # fmt: skip
         with Service(["-m", "serving", "serve", str(model_dir)], env) as server:
             cpu = RoleCpu(server.proc.pid)
             for conc in (int(c) for c in args.concurrency.split(",")):
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
                 # the role CPU is read over the measured window only (warm-up excluded)
                 timers = [threading.Timer(1.0, mark, ("start",)),
                           threading.Timer(1.0 + args.duration, mark, ("end",))]  # fmt: skip
+                before = batch_totals(run_dir)
                 for timer in timers:
                     timer.start()
                 result = run_load(server.url, body=body, headers=headers, concurrency=conc,
@@ -104,6 +106,10 @@ def main(argv=None) -> int:
                                   verify=verify, verify_every=50)  # fmt: skip
                 for timer in timers:
                     timer.join()
+                ran = batch_totals(run_dir)
+                ran.subtract(before)
+                per_call = ran["rows"] / (ran["requests"] or 1)
+                per_batch = ran["rows"] / (ran["batches"] or 1)
                 if result.error_count or result.verify_failures:
                     raise RuntimeError(f"bad answers: {result}")
                 n = max(result.requests, 1)
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
                 front = (marks["end"]["frontend"] - marks["start"]["frontend"]) / n * 1e6
                 load = result.client_cpu_s / n * 1e6
                 print(f"  {conc:4d} | {result.rps:6.0f}  {result.p50_ms:6.2f} | {host:24.0f}  {front:9.0f}"
-                      f"  {load:7.0f}  {host + front + load:5.0f}", flush=True)  # fmt: skip
+                      f"  {load:7.0f}  {host + front + load:5.0f} | {per_call:9.1f}  {per_batch:5.1f}", flush=True)  # fmt: skip
     return 0
 
 

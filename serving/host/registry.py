@@ -21,7 +21,7 @@ import numpy as np
 
 from handlers.base import Handler
 from handlers.registry import check_compatible, detect, handler_class
-from serving.batching import Batcher, Outcome
+from serving.batching import Batcher, BatchPolicy, Outcome
 from serving.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, NotReady, ServingError
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
 from serving.host.validation import conform_inputs
@@ -49,6 +49,7 @@ class Model:
     handler: Handler | None = None
     config: ModelConfig | None = None
     batcher: Batcher | None = None
+    policy: BatchPolicy | None = None
     serial: _SerialScript | None = None
     error: str = ""
     load_seconds: float = 0.0
@@ -65,8 +66,21 @@ class Model:
             "handler": self.artifact.handler if self.artifact else None,
             "raw": bool(handler and handler.raw),
             "signature": handler.signature.to_dict() if handler else None,
+            "gather_rows": self.gather_rows(),
             "load_seconds": round(self.load_seconds, 3),
         }
+
+    def gather_rows(self) -> int:
+        """The most rows a frontend may send as one call made of several requests (0: none).
+
+        Only a model that batches rows may receive them: its batcher treats the call as one
+        request of that many rows, which it would have put in one batch anyway; a model without
+        a batch dimension, or batching one row at a time, gets each request alone.
+        """
+        policy = self.policy
+        if policy is None or self.handler is None or self.handler.raw or not policy.splittable:
+            return 0
+        return policy.max_batch_size if policy.max_batch_size > 1 else 0
 
 
 class ModelRegistry:
@@ -120,6 +134,7 @@ class ModelRegistry:
         if handler.raw and not config.batch:
             model.serial = _SerialScript(handler)
             run, launch = model.serial.run, None
+        model.policy = policy
         allocate = handler.input_buffer if launch is not None else None
         # on the batcher's own threads: the state a warm-up builds may be per thread (cuDNN plans)
         warmup = partial(handler.warmup, warmup_sizes(policy)) if config.warmup and not handler.raw else None

@@ -2,8 +2,9 @@
 
 A :class:`Connection` reads a head, reads its body straight into one buffer, waits while its
 request is with a host, and writes the answer, head and body in one ``sendmsg`` (the rest when
-the socket has room); pipelined requests wait in its buffer. A :class:`Call` is one request at a
-host: its link's socket sits in the worker's epoll until the answer is whole.
+the socket has room); pipelined requests wait in its buffer. A :class:`Call` is one message at a
+host, with one request or several gathered ones: its link's socket sits in the worker's epoll
+until the answer is whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from gunicorn import util
 
 from serving.errors import NotReady
+from serving.http.gather import Member, joined_message, split_reply
 from serving.http.wire import HEAD_MAX, parse_head, response_head
 from serving.ipc.protocol import ConnectionClosed
 
@@ -194,15 +196,22 @@ class Connection:
 
 
 class Call:
-    """One request at a host: its link's socket is in the epoll until the answer is whole."""
+    """One message at a host, with one request or several gathered ones (serving.http.gather):
+    its link's socket is in the epoll until the answer is whole."""
 
-    __slots__ = ("worker", "conn", "prepared", "deadline", "timeout", "client", "link", "retried")
+    __slots__ = ("worker", "members", "deadline", "client", "link", "retried")
 
-    def __init__(self, worker: LoopWorker, conn: Connection, prepared, deadline: float):
-        self.worker, self.conn, self.prepared, self.deadline = worker, conn, prepared, deadline
-        self.timeout = deadline - time.time()
+    def __init__(self, worker: LoopWorker, members: list[Member]):
+        self.worker, self.members = worker, members
+        self.deadline = max(m.deadline for m in members)  # the host's; each member has its own timer
         self.client = self.link = None
         self.retried = False
+        for member in members:
+            member.call = self
+
+    def message(self) -> tuple[dict, list]:
+        """The header and buffers to send."""
+        return joined_message(self.members)
 
     def event(self, events: int) -> None:
         try:
@@ -219,18 +228,37 @@ class Call:
         if message is None:
             return
         self.end(broken=False)
-        if self.conn.closed:
-            return
+        failed = self.worker.invocations.failed
         try:
-            answer = self.prepared.finish(*message)
-        except Exception as err:  # every failure becomes an answer
-            answer = self.worker.invocations.failed(err)
-        self.conn.respond(*answer)
+            shares = split_reply(*message, self.members)
+        except Exception as err:  # a malformed answer fails every request in the call
+            shares = [err] * len(self.members)
+        for member, share in zip(self.members, shares, strict=True):
+            if member.done:
+                continue
+            member.done = True
+            if member.conn.closed:
+                continue
+            try:
+                if isinstance(share, Exception):
+                    raise share
+                answer = member.prepared.finish(*share)
+            except Exception as err:  # every failure becomes an answer
+                answer = failed(err)
+            member.conn.respond(*answer)
+
+    def expire(self, member: Member, answer: tuple) -> None:
+        """``member``'s deadline passed: answer it ``answer``; the link goes once no member is left."""
+        member.done = True
+        member.conn.respond(*answer)
+        if self.link is not None and all(m.done for m in self.members):
+            self.end(broken=True)
 
     def end(self, broken: bool) -> None:
         """Take the link out of the epoll and give it back (or close it, when ``broken``)."""
         link, self.link = self.link, None
         self.worker.unwatch(link.sock.fileno())
+        self.worker.calls[self.client] -= 1
         self.client.finished()
         if broken:
             link.close()

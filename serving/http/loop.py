@@ -41,6 +41,7 @@ from gunicorn.workers.base import Worker
 
 from serving.errors import DeadlineExceeded, NotReady
 from serving.http.connection import IN, Call, Connection
+from serving.http.gather import Member, take_groups
 
 log = logging.getLogger("onebox.http")
 
@@ -60,7 +61,13 @@ class LoopWorker(Worker):
         self.keepalive = self.cfg.keepalive or 0
         self.ep = select.epoll()
         self.handlers: dict[int, object] = {}
-        self.timers: list = []  # (deadline, sequence, call)
+        self.timers: list = []  # (deadline, sequence, member): a request's own deadline
+        self.waiting: list[Member] = []  # requests to send at the end of this turn (or later)
+        settings = invocations.settings if invocations is not None else None
+        self.gather = settings is not None and settings.frontend_gather
+        self.max_calls = settings.frontend_max_calls if settings is not None else 0
+        # this loop's calls in flight per host (the pool's are not: their answers do not wake it)
+        self.calls = dict.fromkeys(self.router.clients, 0) if self.router is not None else {}
         self.sequence = 0
         self.slow = 0  # connections with the pool (counted and uncounted on this thread)
         self.posted: collections.deque = collections.deque()  # callables from the pool's threads
@@ -89,6 +96,8 @@ class LoopWorker(Worker):
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler.event(events)
+            if self.waiting:
+                self.flush()
             self._expire(time.time())
 
     def _tick(self, now: float) -> None:
@@ -121,18 +130,23 @@ class LoopWorker(Worker):
             self.ep.unregister(fd)
 
     def _next_deadline(self) -> float:
-        while self.timers and self.timers[0][2].link is None:
+        while self.timers and self.timers[0][2].done:
             heapq.heappop(self.timers)  # answered already
         return self.timers[0][0] if self.timers else float("inf")
 
     def _expire(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
-            call = heapq.heappop(self.timers)[2]
-            if call.link is not None:
-                call.end(broken=True)
-                call.conn.respond(*self.invocations.failed(DeadlineExceeded(
-                    f"no answer from the model within the deadline ({call.timeout:.1f}s)"
-                )))  # fmt: skip
+            member = heapq.heappop(self.timers)[2]
+            if member.done:
+                continue
+            answer = self.invocations.failed(DeadlineExceeded(
+                f"no answer from the model within the deadline ({member.timeout:.1f}s)"
+            ))  # fmt: skip
+            if member.call is not None and member.call.link is not None:
+                member.call.expire(member, answer)
+            else:  # still waiting in this worker (flush passes it over now)
+                member.done = True
+                member.conn.respond(*answer)
 
     def post(self, fn, *args) -> None:
         """Run ``fn(*args)`` on the loop's thread (from any thread)."""
@@ -144,7 +158,8 @@ class LoopWorker(Worker):
 
     # -- the fast path -------------------------------------------------------------------
     def start(self, conn: Connection, environ: dict, info: dict, body: bytearray) -> None:
-        """Decode a read request and send it to a host, or answer its error."""
+        """Decode a read request and queue it for a host (sent at the end of this turn of the
+        loop, with the others it can go with), or answer its error."""
         inv = self.invocations
         try:
             deadline = inv.deadline(environ)
@@ -152,7 +167,24 @@ class LoopWorker(Worker):
         except Exception as err:  # every failure becomes an answer
             conn.respond(*inv.failed(err))
             return
-        self.send(Call(self, conn, prepared, deadline))
+        member = Member(conn, prepared, deadline, info if self.gather else None)
+        self.sequence += 1
+        heapq.heappush(self.timers, (deadline, self.sequence, member))
+        if member.key is None:
+            self.send(Call(self, [member]))
+        else:
+            self.waiting.append(member)
+
+    def flush(self) -> None:
+        """Send the waiting requests, gathered into calls, while a host has room for a call."""
+        groups = take_groups(self.waiting)
+        self.waiting = []
+        for i, group in enumerate(groups):
+            if self.max_calls and min(self.calls.values()) >= self.max_calls:
+                # every host has that many of this loop's calls: wait for one to come back
+                self.waiting = [m for g in groups[i:] for m in g]
+                return
+            self.send(Call(self, group))
 
     def send(self, call: Call, exclude=None) -> None:
         """Send ``call`` on an idle link to the least busy host (once more on another if it
@@ -164,24 +196,28 @@ class LoopWorker(Worker):
             self.unsent(call, client, err)
             return
         client.started()
+        header, buffers = call.message()
         try:
-            link.send({**call.prepared.header, "deadline": call.deadline}, call.prepared.buffers)
+            link.send({**header, "deadline": call.deadline}, buffers)
         except (ConnectionError, OSError) as exc:
             link.close()
             client.finished()
             self.unsent(call, client, NotReady(f"the model host is not reachable ({exc.__class__.__name__})"))
             return
         call.client, call.link = client, link
+        self.calls[client] += 1
         self._watch(link.sock.fileno(), call, IN)
-        self.sequence += 1
-        heapq.heappush(self.timers, (call.deadline, self.sequence, call))
 
     def unsent(self, call: Call, client, err: NotReady) -> None:
         if not call.retried and self.router.may_fail_over(err):
             call.retried = True
             self.send(call, exclude=client)
-        else:
-            call.conn.respond(*self.invocations.failed(err))
+            return
+        answer = self.invocations.failed(err)
+        for member in call.members:
+            if not member.done:
+                member.done = True
+                member.conn.respond(*answer)
 
     # -- the slow path: gunicorn's parser and the Flask app, on the pool -------------------
     def hand_off(self, conn: Connection, data: bytes) -> None:

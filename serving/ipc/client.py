@@ -22,6 +22,7 @@ from serving.ipc.protocol import (
     ConnectionClosed,
     FrameReader,
     SharedRegion,
+    byte_views,
     decode_tensors,
     encode_tensors,
     recv_message,
@@ -88,7 +89,7 @@ class Link:
 
     def send(self, header: dict, buffers: list) -> None:
         """Send one message; buffers from ``shm_min_bytes`` in total go through the region."""
-        views = [memoryview(b).cast("B") for b in buffers]
+        views = byte_views(buffers)
         sizes = [v.nbytes for v in views]
         if self.shm_min_bytes is None or sum(sizes) < self.shm_min_bytes:
             send_message(self.sock, header, views)

@@ -42,15 +42,37 @@ class ConnectionClosed(ConnectionError):
     """The peer closed the connection between messages."""
 
 
+class Joined:
+    """One buffer made of several byte views end to end (the rows of a gathered call, one view
+    per request): sent, or placed in a shared region, part after part, never joined in memory."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: list):
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.nbytes = sum(p.nbytes for p in self.parts)
+
+
+def byte_views(buffers: list) -> list:
+    """Each buffer as a flat byte view (a :class:`Joined` stays as it is)."""
+    return [b if isinstance(b, Joined) else memoryview(b).cast("B") for b in buffers]
+
+
 def send_message(sock: socket.socket, header: dict, buffers: list = (), fds: list[int] = ()) -> None:
-    """Send one frame; ``buffers`` are bytes-like objects (numpy arrays, memoryviews, bytes).
+    """Send one frame; ``buffers`` are bytes-like objects (numpy arrays, memoryviews, bytes) or
+    :class:`Joined` parts of one buffer.
 
     ``fds``: file descriptors passed along with the frame's first bytes (``SCM_RIGHTS``).
     """
-    views = [memoryview(b).cast("B") for b in buffers]
+    views = byte_views(buffers)
     header = {**header, "buffers": [v.nbytes for v in views]}
     head = json.dumps(header, separators=(",", ":")).encode()
-    parts = [_LEN.pack(len(head)) + head, *[v for v in views if v.nbytes]]
+    parts = [_LEN.pack(len(head)) + head]
+    for view in views:
+        if isinstance(view, Joined):
+            parts.extend(p for p in view.parts if p.nbytes)
+        elif view.nbytes:
+            parts.append(view)
     total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, arrays.array("i", fds))] if fds else []
     try:
@@ -259,10 +281,13 @@ class SharedRegion:
             raise
         self.attached = False  # the host has the descriptor
 
-    def place(self, views: list[memoryview], offsets: list[int]) -> None:
-        """Copy byte views into the region at the offsets :func:`shm_layout` gave for them."""
+    def place(self, views: list, offsets: list[int]) -> None:
+        """Copy byte views (or :class:`Joined` parts, end to end) into the region at the offsets
+        :func:`shm_layout` gave for them."""
         for view, offset in zip(views, offsets, strict=True):
-            self.map[offset : offset + view.nbytes] = view
+            for part in view.parts if isinstance(view, Joined) else (view,):
+                self.map[offset : offset + part.nbytes] = part
+                offset += part.nbytes
 
     def close(self) -> None:
         self.map.close()
