@@ -52,18 +52,20 @@ NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
 GRAPH_SIZES = (1, 2, *range(4, 65, 4), *range(72, 129, 8))
 
 
-def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: bool = True,
+def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: str = "ahead",
                 sizes: tuple[int, ...] = GRAPH_SIZES, kind: str = "torchscript") -> str:  # fmt: skip
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
     ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``;
-    ``pipeline``: answer a batch while the next one runs. An AOTInductor package's precision is
+    ``pipeline``: ``on`` answers a batch while the next one runs, ``ahead`` also launches the
+    next behind the running one (``pipeline_depth = 2``), ``off`` neither. An AOTInductor package's precision is
     fixed when it is compiled (the model casts to fp16 itself), so it gets no ``precision`` key.
     """
     precision = 'precision = "fp16"\n' if kind == "torchscript" else ""
     text = (
         f"max_batch_size = {MAX_BATCH}\nmax_delay_ms = 0\n{precision}concurrent_batches = {lanes}\n"
-        f'cuda_sync = "{sync}"\npipeline = {str(pipeline).lower()}\n'
+        f'cuda_sync = "{sync}"\npipeline = {str(pipeline != "off").lower()}\n'
+        f"pipeline_depth = {2 if pipeline == 'ahead' else 1}\n"
     )
     if graphs:
         text += f"cuda_graphs = true\nbatch_sizes = {list(sizes)}\n"
@@ -283,7 +285,7 @@ def profile(
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: bool = True,
+           lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "ahead",
            sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "2") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind))
@@ -395,8 +397,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--lanes", type=lambda t: [int(n) for n in t.split(",")], default=[1],
                         help="concurrent_batches values to serve with (batches in flight per host), e.g. 1,2")  # fmt: skip
-    parser.add_argument("--pipeline", type=lambda t: [p == "on" for p in t.split(",")], default=[True],
-                        help="pipeline values to serve with: on, off or off,on (answer a batch while the next runs)")  # fmt: skip
+    parser.add_argument("--pipeline", type=lambda t: t.split(","), default=["ahead"],
+                        help="off, on (answer a batch while the next runs), ahead (and launch the next behind "
+                             "the running one: pipeline_depth 2, the default), e.g. on,ahead")  # fmt: skip
     parser.add_argument("--graph-sizes", type=lambda t: tuple(int(n) for n in t.split(",")), default=GRAPH_SIZES,
                         help=f"batch_sizes captured with --graphs on (default {','.join(map(str, GRAPH_SIZES))})")  # fmt: skip
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
@@ -434,7 +437,7 @@ def main(argv=None) -> int:
             for hosts, lanes, sync, pipeline, gather in itertools.product(
                 args.hosts, args.lanes, args.sync, args.pipeline, args.gather
             ):
-                piped = "pipelined" if pipeline else "serial"
+                piped = {"off": "serial", "on": "pipelined", "ahead": "ahead"}[pipeline]
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
                     f"cuda_sync {sync}, {piped}, gather {gather}",

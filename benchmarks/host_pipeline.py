@@ -39,11 +39,14 @@ class DeviceLikeModel:
 
     raw = False
 
-    def __init__(self):
+    def __init__(self, depth: int = 1):
         from serving.types import BatchMode, Signature, TensorSpec
 
         self.signature = Signature((TensorSpec("x", "uint8", (-1, *IMAGE[1:])),), (), BatchMode.DYNAMIC)
-        self.staging: dict[tuple, np.ndarray] = {}
+        # one set of staging buffers per batch that may be launched at once, taken in turn
+        self.sets: list[dict[tuple, np.ndarray]] = [{} for _ in range(depth)]
+        self.launches = 0
+        self.free_at = 0.0  # when the device has run what was launched (one batch at a time)
 
     def predict(self, inputs):
         return self.launch(inputs)()
@@ -51,18 +54,23 @@ class DeviceLikeModel:
     def input_buffer(self, name, shape, dtype):
         """As a CUDA runner's staging: one buffer per shape that batches are assembled in."""
         key = (name, shape, dtype.str)
-        buffer = self.staging.get(key)
+        staging = self.sets[self.launches % len(self.sets)]
+        buffer = staging.get(key)
         if buffer is None:  # not setdefault: that would allocate a new array on every call
-            buffer = self.staging[key] = np.empty(shape, dtype)
+            buffer = staging[key] = np.empty(shape, dtype)
         return buffer
 
     def launch(self, inputs):
-        """As a CUDA runner launches: the staging copy now (unless assembled there), device time from now."""
+        """As a CUDA runner launches: the staging copy now (unless assembled there), device time
+        from when the device is done with what was launched before."""
         x = inputs["x"]
         buffer = self.input_buffer("x", x.shape, x.dtype)
         if not np.shares_memory(buffer, x):
             np.copyto(buffer, x)
-        done = time.perf_counter() + (FIXED_MS + PER_IMAGE_MS * len(x)) / 1000
+        self.launches += 1
+        done = self.free_at = (
+            max(time.perf_counter(), self.free_at) + (FIXED_MS + PER_IMAGE_MS * len(x)) / 1000
+        )
 
         def collect():
             time.sleep(max(0.0, done - time.perf_counter()))
@@ -71,7 +79,7 @@ class DeviceLikeModel:
         return collect
 
 
-def host_main(path: str, ready, report, measure_s: float, pipelined: bool = False) -> None:
+def host_main(path: str, ready, report, measure_s: float, pipelined: bool = False, depth: int = 1) -> None:
     from serving.batching import Batcher, BatchPolicy
     from serving.host.process import Host
     from serving.host.registry import Model, State
@@ -81,14 +89,14 @@ def host_main(path: str, ready, report, measure_s: float, pipelined: bool = Fals
 
     sys.setswitchinterval(0.0005)  # as run_host does
     host = Host(Settings.from_env({}), Device("cpu"))
-    model = DeviceLikeModel()
+    model = DeviceLikeModel(depth)
     sizes: list[int] = []
     entry = Model(
         "model", Path("/"), state=State.READY, handler=model, config=ModelConfig(max_batch_size=128)
     )
     entry.batcher = Batcher(model.predict, BatchPolicy(max_batch_size=128, max_queue=4096),
                             launch=model.launch if pipelined else None, allocate=model.input_buffer,
-                            observe=lambda stats: sizes.append(stats.rows))  # fmt: skip
+                            observe=lambda stats: sizes.append(stats.rows), depth=depth)  # fmt: skip
     host.registry._models["model"] = entry
     server = IPCServer(path, host.dispatch, host.dispatch_nowait)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -122,7 +130,8 @@ def client_main(paths: list[str], threads: int, seconds: float) -> None:
         worker.join()
 
 
-def run(concurrency: int, processes: int, duration: float, hosts: int, pipelined: bool = False) -> tuple:
+def run(concurrency: int, processes: int, duration: float, hosts: int, pipelined: bool = False,
+        depth: int = 1) -> tuple:  # fmt: skip
     """Totals over ``hosts`` host processes: rows/s, mean batch, host cores, host CPU per request."""
     paths = [tempfile.mktemp(prefix="onebox-host-", suffix=".sock") for _ in range(hosts)]
     report = multiprocessing.Queue()
@@ -131,7 +140,7 @@ def run(concurrency: int, processes: int, duration: float, hosts: int, pipelined
         ready = multiprocessing.Event()
         procs.append(
             multiprocessing.Process(
-                target=host_main, args=(path, ready, report, duration - 2, pipelined), daemon=True
+                target=host_main, args=(path, ready, report, duration - 2, pipelined, depth), daemon=True
             )
         )
         procs[-1].start()
@@ -158,7 +167,10 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--hosts", default="1,2", help="host processes feeding the one device stand-in")
     parser.add_argument(
-        "--pipeline", default="on", help="on, off or off,on: answer a batch while the next runs"
+        "--pipeline",
+        default="on",
+        help="off, on (answer a batch while the next runs) or ahead (also launch the next behind "
+        "the running one: pipeline_depth 2), e.g. off,on,ahead",
     )
     args = parser.parse_args(argv)
     print(f"device stand-in: {FIXED_MS} ms + {PER_IMAGE_MS} ms per image (ceiling at batch 128: "
@@ -168,7 +180,12 @@ def main(argv=None) -> int:
         for conc in (int(c) for c in args.concurrency.split(",")):
             for pipeline in args.pipeline.split(","):
                 rows_s, batch, cores, per_request = run(
-                    conc, args.processes, args.duration, hosts, pipeline == "on"
+                    conc,
+                    args.processes,
+                    args.duration,
+                    hosts,
+                    pipeline != "off",
+                    2 if pipeline == "ahead" else 1,
                 )
                 print(
                     f"{pipeline:>8} {hosts:5d} {conc:4d} | {rows_s:6.0f}  {batch:10.1f} | {cores:10.2f}"

@@ -41,6 +41,9 @@ class Handler(abc.ABC):
     #: True when :meth:`launch` returns while the device still computes: the batcher then
     #: answers one batch while the next one runs (``pipeline`` in onebox.toml)
     pipelined: bool = False
+    #: batches a pipelined handler may have launched at once (the batcher launches the next one
+    #: while one runs when this is 2)
+    launch_depth: int = 1
 
     @classmethod
     def probe(cls, model_dir: Path) -> Artifact | None:

@@ -146,6 +146,7 @@ class AotiHandler(Handler):
         )
         self.concurrent_batches = self.runner.concurrency
         self.pipelined = self.runner.pipelined
+        self.launch_depth = self.runner.depth
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch after checking it matches the compiled shapes."""

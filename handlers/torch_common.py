@@ -85,14 +85,16 @@ class _Lane:
     non-blocking copy still reads them, and its graphs' static buffers never hold two batches.
     """
 
-    __slots__ = ("stream", "staging", "graphs", "pool", "done")
+    __slots__ = ("stream", "staging", "graphs", "pool", "done", "spun")
 
-    def __init__(self, stream, pool, done):
+    def __init__(self, stream, pool, done, spun=None):
         self.stream = stream  # None: the device's current stream (one lane, the old behaviour)
         self.staging: dict[tuple, object] = {}
         self.graphs: dict[tuple, tuple] = {}
         self.pool = pool  # the memory pool this lane's graphs share (they never replay at once)
         self.done = done  # a blocking-sync CUDA event: waiting on it sleeps instead of spinning
+        # a spinning event, for a lane whose stream may hold the next batch too (a twin's)
+        self.spun = spun
 
 
 class TorchRunner:
@@ -145,10 +147,24 @@ class TorchRunner:
             )
             for _ in range(self.concurrency if self.cuda else 0)
         ]
+        # pipelined with one lane: two launches at once (the batcher builds and launches the
+        # next batch while one runs). The twin has its own staging and event but the same
+        # stream and graphs: stream order runs the two apart on the device (the second copy
+        # into a graph's input waits for the first replay and its copy out), and the host never
+        # writes staging that a queued copy has still to read.
+        self.depth = 2 if self.pipelined and len(lanes) == 1 and config.pipeline_depth > 1 else 1
+        if self.depth > 1:
+            twin = _Lane(None, lanes[0].pool, torch.cuda.Event(blocking=True), torch.cuda.Event())
+            twin.graphs = lanes[0].graphs
+            lanes[0].spun = torch.cuda.Event()
+            lanes.append(twin)
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
         for lane in lanes:
             self._lanes.put(lane)
-        # the lane when there is one: input_buffer hands out its staging buffers
+        self._all_lanes = lanes
+        self._launches = 0  # with a twin, launch n takes lanes[n % 2] (collected in launch order)
+        # the lane the next batch is built in, when launches keep one order: input_buffer hands
+        # out its staging buffers
         self._lane = lanes[0] if len(lanes) == 1 else None
         self._captured: set[tuple] = set()  # shapes captured in every lane
         self._capture_lock = threading.Lock()
@@ -193,8 +209,14 @@ class TorchRunner:
         graphed = bool(arrays) and arrays[0].ndim > 0 and rows in self.graph_sizes
         with torch.inference_mode(), _out_of_memory(self.device):
             if graphed and key not in self._captured:
-                self._capture_everywhere(key, arrays)
+                if self.depth > 1 and self._lanes.qsize() < len(self._all_lanes):
+                    # a capture waits for every lane, but the batch in flight is collected by
+                    # this thread after this launch: run this one eagerly, capture when idle
+                    graphed = False
+                else:
+                    self._capture_everywhere(key, arrays)
             lane = self._lanes.get()
+            self._launches += 1
             try:
                 with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
                     if graphed:
@@ -208,6 +230,8 @@ class TorchRunner:
                     host = [t.to("cpu", non_blocking=True) for t in outs]
                     stream = torch.cuda.current_stream(self.device)  # the lane's
                     lane.done.record(stream)
+                    if lane.spun is not None:
+                        lane.spun.record(stream)
             except BaseException:
                 self._lanes.put(lane)
                 raise
@@ -229,7 +253,7 @@ class TorchRunner:
         with self._capture_lock:
             if key in self._captured:
                 return
-            lanes = [self._lanes.get() for _ in range(self.concurrency)]  # waits for batches in flight
+            lanes = [self._lanes.get() for _ in self._all_lanes]  # waits for batches in flight
             try:
                 for lane in lanes:
                     if key not in lane.graphs:
@@ -245,13 +269,15 @@ class TorchRunner:
         """The pinned staging buffer of input ``name`` for a batch of this shape, to assemble it in.
 
         A batch built in it skips the copy into pinned memory (``_staged`` sees it is already
-        there). Only with one lane, and only for a caller that builds the next batch when the
-        last one's inputs have reached the GPU (the pipelined batcher); None otherwise.
+        there). Only with one lane (and its twin, see ``depth``), and only for a caller that
+        collects batches in launch order and builds the next one when the lane's last batch is
+        collected (the pipelined batcher); None otherwise.
         """
-        if self._lane is None or name not in self.input_names:
+        lane = self._all_lanes[self._launches % 2] if self.depth > 1 else self._lane
+        if lane is None or name not in self.input_names:
             return None
         slot = self.input_names.index(name)
-        return self._staging(self._lane, slot, tuple(shape), np.dtype(dtype)).numpy()
+        return self._staging(lane, slot, tuple(shape), np.dtype(dtype)).numpy()
 
     def _staging(self, lane: _Lane, slot: int, shape: tuple[int, ...], dtype: np.dtype):
         """The lane's pinned host buffer for this input slot, shape and dtype (made once)."""
@@ -303,7 +329,10 @@ class TorchRunner:
         the wake-up would be added to every request of an idle server, and sleeps otherwise.
         """
         if self.sync == "spin" or (self.sync == "auto" and rows <= 1):
-            stream.synchronize()
+            if lane.spun is not None:  # the stream may hold the next batch (a twin's): not that one
+                lane.spun.synchronize()
+            else:
+                stream.synchronize()
         else:
             lane.done.synchronize()
 

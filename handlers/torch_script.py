@@ -43,6 +43,7 @@ class TorchScriptHandler(Handler):
         self.runner = TorchRunner(module, device, config, [s.name for s in inputs], graph_sizes=sizes)
         self.concurrent_batches = self.runner.concurrency
         self.pipelined = self.runner.pipelined
+        self.launch_depth = self.runner.depth
         outputs = declared_specs(config, "outputs")
         if outputs is None and declared:
             outputs = outputs_from_sample(self.runner, signature)

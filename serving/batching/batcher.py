@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
+from serving.batching.ahead import launch_ahead
 from serving.batching.flights import Flights
 from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
@@ -40,7 +41,10 @@ class Batcher:
     batch and returns a function that waits for its outputs. With it, and one batch at a time,
     the worker pipelines: when batch N's outputs are back it launches batch N+1 from what queued
     meanwhile, and only then answers batch N's requests, so the answers (and the next requests
-    they let in) cost no device time. The device still runs one batch at a time.
+    they let in) cost no device time. The device still runs one batch at a time. With ``depth``
+    2 (a runner that can hold two launches apart: a CUDA runner with two staging sets on one
+    stream) it launches the next batch from what is queued while one runs, so the device starts
+    it the moment the running one ends instead of after its collection and the next build.
     ``allocate`` (used only then, when no batch is in the runner) may hand out the arrays a
     batch is assembled in, such as the runner's pinned staging buffers: one copy fewer per batch.
 
@@ -60,9 +64,12 @@ class Batcher:
         warmup: Callable[[], None] | None = None,
         name: str = "model",
         clock: Callable[[], float] = time.time,
+        depth: int = 1,
     ):
         policy.validate()
         self._launch = launch if policy.concurrent_batches == 1 else None
+        # batches launched ahead of the one being collected (the pipelined worker only)
+        self._depth = max(1, depth) if self._launch is not None else 1
         allocate = allocate if self._launch is not None else None
         self._flights = Flights(
             run, policy, launch=self._launch, allocate=allocate, observe=observe, clock=clock, name=name
@@ -78,7 +85,8 @@ class Batcher:
         self._closing = False
         self._cond = threading.Condition()
         self._parts_lock = threading.Lock()
-        self._concurrency = policy.concurrent_batches
+        # batches in the runner at once: the workers', or the pipelined worker's launches
+        self._concurrency = max(policy.concurrent_batches, self._depth)
         self._running = 0  # batches in the runner now, on workers or on callers' threads
         self._warmup = warmup
         self._cold = policy.concurrent_batches if warmup else 0  # workers still warming up
@@ -117,7 +125,9 @@ class Batcher:
             # Idle runner, empty queue, no delay asked for: this request is the whole batch, so
             # run it on the caller's thread instead of waking a worker for it (two thread
             # hand-offs fewer per request at low load, where batching must add nothing).
+            # (never beside a pipelined worker with launches queued: the runner's order is its own)
             inline = run_here and not self._warmup and not self._delay and not self._queue
+            inline = inline and self._depth == 1
             inline = inline and self._running < self._concurrency
             inline = inline and rows <= self._cap
             if inline:
@@ -203,7 +213,10 @@ class Batcher:
         )
         answerer.start()
         try:
-            self._pipeline(answers)
+            if self._depth > 1:
+                launch_ahead(self, answers)
+            else:
+                self._pipeline(answers)
         finally:
             answers.put(None)
             answerer.join()

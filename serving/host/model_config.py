@@ -44,6 +44,7 @@ _TYPES = {
     "concurrent_batches": int,
     "cuda_sync": str,
     "pipeline": bool,
+    "pipeline_depth": int,
 }
 CUDA_SYNC = ("auto", "spin", "block")
 
@@ -66,6 +67,8 @@ def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
         if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and _TYPES[key] is int):
             raise ConfigError(f"{path}: {key} = {value!r} has the wrong type")
         changes[key] = tuple(value) if key == "batch_sizes" else value
+    if changes.get("pipeline_depth", 1) not in (1, 2):
+        raise ConfigError(f"{path}: pipeline_depth must be 1 or 2")
     if changes.get("timeout_s", 1) <= 0:
         raise ConfigError(f"{path}: timeout_s must be a positive number of seconds")
     if changes.get("precision") not in (None, "fp32", "fp16", "bf16"):

@@ -146,6 +146,7 @@ class ModelRegistry:
             warmup=warmup,
             name=model.name,
             observe=self._observer(model.name),
+            depth=handler.launch_depth if launch is not None else 1,
         )
         model.batcher.wait_warm()
 

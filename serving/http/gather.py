@@ -68,7 +68,11 @@ def gather_key(header: dict, info: dict) -> tuple[tuple | None, int]:
             return None, 0
         rows = shape[0]
         if expected:
-            want = expected.get(spec["name"], expected.get(None)) if len(specs) == 1 else expected.get(spec["name"])
+            want = (
+                expected.get(spec["name"], expected.get(None))
+                if len(specs) == 1
+                else expected.get(spec["name"])
+            )
             if want is None or np.dtype(spec["dtype"]) != want[0] or not _fits(shape, want[1]):
                 return None, 0  # the host would cast it, or refuse it: alone, so the error is its own
         key.append((spec["name"], spec["dtype"], *shape[1:]))
@@ -81,7 +85,9 @@ def _fits(shape: list, declared: list) -> bool:
     """Whether a shape has the declared dimensions after the first (-1: any)."""
     if not declared or declared == [-1]:
         return True
-    return len(shape) == len(declared) and all(d < 0 or d == n for n, d in zip(shape[1:], declared[1:]))
+    return len(shape) == len(declared) and all(
+        d < 0 or d == n for n, d in zip(shape[1:], declared[1:], strict=True)
+    )
 
 
 def _expected(info: dict) -> dict | None:

@@ -677,3 +677,92 @@ def test_a_pipelined_batcher_launches_the_next_batches_while_the_last_answers_ar
         third_launched.set()
         batcher.close()
     assert launched == [1, 1, 1]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_with_depth_two_the_next_batch_is_launched_while_one_is_still_on_the_device(runner, depth):
+    launched = []
+    batcher = Batcher(
+        runner,
+        BatchPolicy(max_batch_size=4, max_queue=64),
+        launch=lambda inputs: launched.append(len(inputs["x"])) or runner.launch(inputs),
+        depth=depth,
+    )
+    try:
+        runner.hold()
+        first = batcher.submit(rows(2), FAR)
+        assert runner.started.wait(WAIT)
+        runner.started.clear()
+        small = batcher.submit(rows(1, start=5), FAR)
+        # fewer rows queued than the batch on the device holds: it waits for that batch to end
+        assert not runner.started.wait(0.3)
+        more = batcher.submit(rows(2, start=9), FAR)
+        # as many as it holds: depth 2 launches them behind it, depth 1 waits for it to end
+        assert runner.started.wait(0.5) == (depth == 2)
+        assert launched == ([2, 3] if depth == 2 else [2])
+        last = batcher.submit(rows(1, start=20), FAR)
+        time.sleep(0.2)
+        assert len(launched) == depth  # never more than depth launches on the device
+        runner.release()
+        for future, inputs in (
+            (first, rows(2)),
+            (small, rows(1, start=5)),
+            (more, rows(2, start=9)),
+            (last, rows(1, start=20)),
+        ):
+            assert np.array_equal(future.result(WAIT)["y"], expected(inputs))
+    finally:
+        batcher.close()
+
+
+def test_with_depth_two_batches_built_in_alternating_buffers_get_their_own_answers(runner):
+    # a runner with two staging sets hands out the one its next launch takes; the fake computes a
+    # batch when it is collected, so a set rebuilt while its last batch was still in flight
+    # would give that batch the wrong rows
+    sets: list[dict] = [{}, {}]
+    count = [0]
+    handed = []
+
+    def allocate(name, shape, dtype):
+        buffers = sets[count[0] % 2]
+        handed.append(count[0] % 2)
+        return buffers.setdefault((name, shape, np.dtype(dtype).str), np.empty(shape, dtype))
+
+    def launch(inputs):
+        count[0] += 1
+        return runner.launch(inputs)
+
+    batcher = Batcher(
+        runner, BatchPolicy(max_batch_size=4, max_queue=512), launch=launch, allocate=allocate, depth=2
+    )
+    try:
+        futures, inputs = [], []
+        for round_ in range(8):
+            runner.hold()
+            for i in range(7):
+                x = rows(1 + i % 2, start=100 * round_ + 10 * i)
+                inputs.append(x)
+                futures.append(batcher.submit(x, FAR))
+            runner.release()
+        for future, x in zip(futures, inputs, strict=True):
+            assert np.array_equal(future.result(WAIT)["y"], expected(x))
+    finally:
+        batcher.close()
+    assert set(handed) == {0, 1}
+
+
+def test_a_batcher_with_depth_two_never_runs_a_batch_on_the_callers_thread(runner):
+    ran = []
+
+    def launch(inputs):
+        ran.append(threading.get_ident())
+        return runner.launch(inputs)
+
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=4), launch=launch, depth=2)
+    try:
+        for i in range(4):
+            future = batcher.submit(rows(1, start=i), FAR, run_here=True)
+            assert np.array_equal(future.result(WAIT)["y"], expected(rows(1, start=i)))
+    finally:
+        batcher.close()
+    assert threading.get_ident() not in ran

@@ -125,11 +125,13 @@ def test_two_lanes_run_batches_at_once_and_never_mix_them(torch_artifacts, graph
     assert [len(lane.graphs) for lane in lanes] == ([1, 1] if graphs else [0, 0])
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, graphs):
+def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, graphs, depth):
     # the host's path on a GPU: batch N+1 is assembled in the lane's pinned staging buffer and
-    # launched before batch N's answers are handed out, so a graph's outputs or a staging
-    # buffer reused too early would mix requests up
+    # launched before batch N's answers are handed out (with depth 2, while N still runs: in
+    # the twin lane's staging), so a graph's outputs or a staging buffer reused too early
+    # would mix requests up
     import threading
     import time
 
@@ -138,9 +140,9 @@ def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     model = Deep(256, 20).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     sizes = (1, 2, 4, 8, 16, 32)
-    config = ModelConfig(cuda_graphs=graphs, batch_sizes=sizes if graphs else ())
+    config = ModelConfig(cuda_graphs=graphs, batch_sizes=sizes if graphs else (), pipeline_depth=depth)
     handler = loaded(tmp_path / "deep.pt", config)
-    assert handler.pipelined
+    assert handler.pipelined and handler.launch_depth == depth
     assert not loaded(tmp_path / "deep.pt", ModelConfig(pipeline=False)).pipelined
     launches = []
 
@@ -151,7 +153,7 @@ def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     policy = BatchPolicy(max_batch_size=32, batch_sizes=sizes if graphs else (), max_queue=4096)
     buffer = handler.input_buffer("x", (8, 256), np.dtype(np.float32))
     assert torch.from_numpy(buffer).is_pinned()  # batches are assembled straight in pinned memory
-    batcher = Batcher(handler.predict, policy, launch=launch, allocate=handler.input_buffer)
+    batcher = Batcher(handler.predict, policy, launch=launch, allocate=handler.input_buffer, depth=depth)
     xs = [
         np.random.default_rng(seed).standard_normal((1 + seed % 3, 256)).astype(np.float32)
         for seed in range(600)
@@ -246,6 +248,37 @@ def cuda_aoti_dynamic(tmp_path_factory, torch_artifacts):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_two_launches_in_flight_on_one_stream_each_get_their_own_answer(tmp_path, graphs):
+    # pipeline_depth 2: the second batch is launched before the first is collected, of the same
+    # size (the same graph), built in the staging the runner hands out for it; long enough on
+    # the device that an overwritten input, graph output or early read would show
+    model = Deep(1024, 30).eval()
+    torch.jit.script(model).save(str(tmp_path / "deep.pt"))
+    handler = loaded(
+        tmp_path / "deep.pt", ModelConfig(cuda_graphs=graphs, batch_sizes=(64,) if graphs else ())
+    )
+    assert handler.launch_depth == 2
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((64, 1024)).astype(np.float32) for _ in range(8)]
+    staged, outputs = [], []
+    collect = None
+    for x in xs:
+        buffer = handler.input_buffer("x", x.shape, x.dtype)
+        assert all(buffer.ctypes.data != other for other in staged[-1:])  # never the one in flight
+        staged.append(buffer.ctypes.data)
+        np.copyto(buffer, x)
+        launched = handler.launch({"x": buffer})  # while the last one may still run
+        if collect is not None:
+            outputs.append(collect()["output"])
+        collect = launched
+    outputs.append(collect()["output"])
+    for x, out in zip(xs, outputs, strict=True):
+        np.testing.assert_allclose(out, cpu_reference(model, x), atol=2e-3)
+    assert len(set(staged)) == 2  # two staging buffers, taken in turn
+    handler.unload()
+
+
 def test_cuda_aoti_graphs_replay_each_size_its_own_answer(cuda_aoti_dynamic, torch_artifacts):
     # the runtime is loaded without its thread synchronisation, which is what lets it be captured
     _, model = torch_artifacts

@@ -62,7 +62,9 @@ def _client(port: int, seed: int, failures: list, counts: dict) -> None:
         for i in range(REQUESTS):
             n = int(rng.integers(1, 4))
             x = rng.normal(size=(n, 4)).astype(np.float32)
-            kind = ("npy", "json", "int32", "float64", "bad", "expire")[int(rng.integers(0, 6))] if i else "npy"
+            kind = (
+                ("npy", "json", "int32", "float64", "bad", "expire")[int(rng.integers(0, 6))] if i else "npy"
+            )
             headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
             if kind == "json":
                 headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -86,7 +88,9 @@ def _client(port: int, seed: int, failures: list, counts: dict) -> None:
                 ok = resp.status == 400 and b"must have shape" in payload and f"[{n}, 5]".encode() in payload
             elif kind == "expire":
                 ok = resp.status in (200, 504)  # 200 only if it was answered within 1 ms
-                ok = ok and (resp.status == 504 or np.allclose(np.load(io.BytesIO(payload)), models.reference(x)))
+                ok = ok and (
+                    resp.status == 504 or np.allclose(np.load(io.BytesIO(payload)), models.reference(x))
+                )
             elif resp.status != 200:
                 ok = False
             else:
@@ -103,7 +107,9 @@ def test_concurrent_clients_each_get_their_own_rows_when_gathered(served):
     before = _host_stats(run_dir)
     failures: list = []
     counts: dict = {}
-    threads = [threading.Thread(target=_client, args=(server.port, s, failures, counts)) for s in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=_client, args=(server.port, s, failures, counts)) for s in range(CLIENTS)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -152,7 +158,9 @@ def test_with_gathering_off_every_request_is_its_own_call(tmp_path):
     with Server(model_dir, workers=1, threads=4, env=env) as server:
         failures: list = []
         counts: dict = {}
-        threads = [threading.Thread(target=_client, args=(server.port, s, failures, counts)) for s in range(8)]
+        threads = [
+            threading.Thread(target=_client, args=(server.port, s, failures, counts)) for s in range(8)
+        ]
         for t in threads:
             t.start()
         for t in threads:
