@@ -39,7 +39,7 @@ class DeviceLikeModel:
 
     raw = False
 
-    def __init__(self, depth: int = 1):
+    def __init__(self, depth: int = 1, device=None, scale: float = 1.0):
         from serving.types import BatchMode, Signature, TensorSpec
 
         self.signature = Signature((TensorSpec("x", "uint8", (-1, *IMAGE[1:])),), (), BatchMode.DYNAMIC)
@@ -47,6 +47,9 @@ class DeviceLikeModel:
         self.sets: list[dict[tuple, np.ndarray]] = [{} for _ in range(depth)]
         self.launches = 0
         self.free_at = 0.0  # when the device has run what was launched (one batch at a time)
+        # (free_at, busy seconds) shared with other hosts' stand-ins: one device, time-sliced
+        self.device = device
+        self.scale = scale
 
     def predict(self, inputs):
         return self.launch(inputs)()
@@ -68,9 +71,14 @@ class DeviceLikeModel:
         if not np.shares_memory(buffer, x):
             np.copyto(buffer, x)
         self.launches += 1
-        done = self.free_at = (
-            max(time.perf_counter(), self.free_at) + (FIXED_MS + PER_IMAGE_MS * len(x)) / 1000
-        )
+        seconds = self.scale * (FIXED_MS + PER_IMAGE_MS * len(x)) / 1000
+        if self.device is None:
+            done = self.free_at = max(time.perf_counter(), self.free_at) + seconds
+        else:  # one device for every host process (perf_counter is the system's monotonic clock)
+            free_at, busy = self.device
+            with free_at.get_lock():
+                done = free_at.value = max(time.perf_counter(), free_at.value) + seconds
+                busy.value += seconds
 
         def collect():
             time.sleep(max(0.0, done - time.perf_counter()))
@@ -79,7 +87,8 @@ class DeviceLikeModel:
         return collect
 
 
-def host_main(path: str, ready, report, measure_s: float, pipelined: bool = False, depth: int = 1) -> None:
+def host_main(path: str, ready, report, measure_s: float, pipelined: bool = False, depth: int = 1,
+              device=None, scale: float = 1.0) -> None:  # fmt: skip
     from serving.batching import Batcher, BatchPolicy
     from serving.host.process import Host
     from serving.host.registry import Model, State
@@ -89,7 +98,7 @@ def host_main(path: str, ready, report, measure_s: float, pipelined: bool = Fals
 
     sys.setswitchinterval(0.0005)  # as run_host does
     host = Host(Settings.from_env({}), Device("cpu"))
-    model = DeviceLikeModel(depth)
+    model = DeviceLikeModel(depth, device, scale)
     sizes: list[int] = []
     entry = Model(
         "model", Path("/"), state=State.READY, handler=model, config=ModelConfig(max_batch_size=128)
@@ -97,6 +106,7 @@ def host_main(path: str, ready, report, measure_s: float, pipelined: bool = Fals
     entry.batcher = Batcher(model.predict, BatchPolicy(max_batch_size=128, max_queue=4096),
                             launch=model.launch if pipelined else None, allocate=model.input_buffer,
                             observe=lambda stats: sizes.append(stats.rows), depth=depth)  # fmt: skip
+    entry.policy = entry.batcher._policy  # what the model's description offers frontends to gather
     host.registry._models["model"] = entry
     server = IPCServer(path, host.dispatch, host.dispatch_nowait)
     threading.Thread(target=server.serve_forever, daemon=True).start()

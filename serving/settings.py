@@ -39,7 +39,7 @@ class Settings:
     # loop worker: requests ready together go to a host as one call (serving.http.gather), and
     # past this many of a worker's calls in flight at every host new ones wait to go together
     frontend_gather: bool = True
-    frontend_max_calls: int = 2  # 0: no limit
+    frontend_max_calls: int = 0  # 0: no limit (what is ready in one turn of the loop goes together)
     timeout_s: float = 60.0  # default per-request deadline
     graceful_timeout_s: float = 25.0  # SIGTERM -> in-flight requests get this long to finish
     max_payload_bytes: int | None = 6 * MB  # None: no limit (batch transform MaxPayloadInMB=0)
@@ -113,7 +113,7 @@ class Settings:
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
             ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
-            frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 2),
+            frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
             model_defaults=defaults,
         )
         settings.validate()

@@ -139,6 +139,6 @@ class ModelConfig:
     concurrent_batches: int | None = None  # batches in flight at once (None: what the handler suggests)
     cuda_sync: str = "auto"  # how a host thread waits for a CUDA batch: spin | block | auto
     pipeline: bool = True  # answer a batch while the next one runs on the device (CUDA torch handlers)
-    pipeline_depth: int = 2  # pipelined: batches launched at once (2: the next waits on the device)
+    pipeline_depth: int = 1  # pipelined: batches launched at once (2: the next waits on the device)
     extra: dict = field(default_factory=dict)  # handler-specific keys from onebox.toml
     explicit: frozenset[str] = frozenset()  # keys onebox.toml set (the rest are server-wide defaults)

@@ -90,7 +90,10 @@ def _collect(
             in_flight.popleft()
             batcher._running -= 1
             batcher._cond.notify_all()
-        if flight.error is not None:
-            batcher._guarded(batcher._finish, flight)  # at once: its split rest must not wait
+            alone = not in_flight
+        if flight.error is not None or alone:
+            # answered here: a failure at once (its split rest must not wait), and with nothing
+            # else on the device a thread hand-off is spared (as the one-batch pipeline does)
+            batcher._guarded(batcher._finish, flight)
         else:
             answers.put(flight)

@@ -11,9 +11,12 @@ a request the host might refuse on its own (another dtype than the model's, inpu
 different row counts, names the model does not have) always goes alone, so that its error is
 its own.
 
-Requests arriving while the worker already has ``max_calls`` calls in flight at every host wait
-in the worker, and leave together when an answer comes back (``ONEBOX_FRONTEND_MAX_CALLS``):
-at low load nothing waits, under load each call carries what arrived meanwhile.
+What goes together is what is ready in one turn of the worker's loop: at low load each request
+goes alone, as before, and under load a call carries what arrived meanwhile. With
+``ONEBOX_FRONTEND_MAX_CALLS`` = N > 0, requests arriving while the worker has N calls in flight
+at every host also wait in the worker and leave together when an answer comes back; that makes
+calls larger but the host's queue shorter, and it cost throughput in every measurement so far
+(benchmarks/RESULTS.md), so the default is 0: no limit.
 """
 
 from __future__ import annotations

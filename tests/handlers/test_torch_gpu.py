@@ -256,7 +256,8 @@ def test_two_launches_in_flight_on_one_stream_each_get_their_own_answer(tmp_path
     model = Deep(1024, 30).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     handler = loaded(
-        tmp_path / "deep.pt", ModelConfig(cuda_graphs=graphs, batch_sizes=(64,) if graphs else ())
+        tmp_path / "deep.pt",
+        ModelConfig(cuda_graphs=graphs, batch_sizes=(64,) if graphs else (), pipeline_depth=2),
     )
     assert handler.launch_depth == 2
     rng = np.random.default_rng(3)

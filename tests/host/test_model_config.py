@@ -112,6 +112,15 @@ def test_cuda_sync_is_read_and_an_unknown_one_is_a_config_error(tmp_path):
 # -- batch_policy: DYNAMIC -------------------------------------------------------------------
 
 
+def test_pipeline_depth_is_read_and_only_one_or_two_is_accepted(tmp_path):
+    assert load_model_config(tmp_path, ModelConfig()).pipeline_depth == 1
+    _write(tmp_path, "pipeline_depth = 2\n")
+    assert load_model_config(tmp_path, ModelConfig()).pipeline_depth == 2
+    _write(tmp_path, "pipeline_depth = 3\n")
+    with pytest.raises(ConfigError, match="pipeline_depth must be 1 or 2"):
+        load_model_config(tmp_path, ModelConfig())
+
+
 def test_dynamic_artifact_batches_up_to_max_batch_size():
     policy = batch_policy(_toml(max_batch_size=16, max_delay_ms=3, max_queue=100), DYNAMIC_64)
     assert policy == BatchPolicy(max_batch_size=16, max_delay_ms=3, batch_sizes=(), max_queue=100)

@@ -78,6 +78,8 @@ def test_onebox_batching_defaults_are_read():
         ("ONEBOX_BATCH_SIZES", "1,x"),
         ("ONEBOX_IPC_SHM_MIN_BYTES", "-1"),
         ("ONEBOX_FRONTEND_WORKER_CLASS", "uvicorn"),
+        ("ONEBOX_FRONTEND_GATHER", "sometimes"),
+        ("ONEBOX_FRONTEND_MAX_CALLS", "-2"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_value(name, value):
@@ -102,3 +104,10 @@ def test_the_gevent_worker_class_needs_gevent_installed(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'onebox\[gevent\]'"):
         Settings.from_env({"ONEBOX_FRONTEND_WORKER_CLASS": "gevent"})
     assert Settings.from_env({}).worker_class == "loop"
+
+
+def test_gathering_is_on_without_a_limit_by_default_and_both_can_be_set():
+    s = Settings.from_env({})
+    assert (s.frontend_gather, s.frontend_max_calls) == (True, 0)
+    s = Settings.from_env({"ONEBOX_FRONTEND_GATHER": "false", "ONEBOX_FRONTEND_MAX_CALLS": "3"})
+    assert (s.frontend_gather, s.frontend_max_calls) == (False, 3)
