@@ -52,7 +52,7 @@ NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
 GRAPH_SIZES = (1, 2, *range(4, 65, 4), *range(72, 129, 8))
 
 
-def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: str = "ahead",
+def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: str = "on",
                 sizes: tuple[int, ...] = GRAPH_SIZES, kind: str = "torchscript") -> str:  # fmt: skip
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
@@ -285,8 +285,8 @@ def profile(
 
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
-           lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "ahead",
-           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "2") -> dict:  # fmt: skip
+           lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "on",
+           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind))
     label = label_of(kind, graphs)
@@ -397,14 +397,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--lanes", type=lambda t: [int(n) for n in t.split(",")], default=[1],
                         help="concurrent_batches values to serve with (batches in flight per host), e.g. 1,2")  # fmt: skip
-    parser.add_argument("--pipeline", type=lambda t: t.split(","), default=["ahead"],
-                        help="off, on (answer a batch while the next runs), ahead (and launch the next behind "
-                             "the running one: pipeline_depth 2, the default), e.g. on,ahead")  # fmt: skip
+    parser.add_argument("--pipeline", type=lambda t: t.split(","), default=["on"],
+                        help="off, on (answer a batch while the next runs: the default), ahead (and launch the "
+                             "next behind the running one: pipeline_depth 2), e.g. on,ahead")  # fmt: skip
     parser.add_argument("--graph-sizes", type=lambda t: tuple(int(n) for n in t.split(",")), default=GRAPH_SIZES,
                         help=f"batch_sizes captured with --graphs on (default {','.join(map(str, GRAPH_SIZES))})")  # fmt: skip
     parser.add_argument("--sync", type=lambda t: t.split(","), default=["auto"],
                         help="cuda_sync values to serve with (spin, block, auto), e.g. spin,auto")  # fmt: skip
-    parser.add_argument("--gather", type=lambda t: t.split(","), default=["2"],
+    parser.add_argument("--gather", type=lambda t: t.split(","), default=["0"],
                         help="the loop worker's gathering: off, or N calls in flight per host before requests "
                              "wait to go together (ONEBOX_FRONTEND_MAX_CALLS; 0: no limit), e.g. off,2")  # fmt: skip
     parser.add_argument(

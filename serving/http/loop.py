@@ -12,10 +12,13 @@ restarts) and answers the common request itself, as a state machine per connecti
 1. read the head; if it is ``POST /invocations`` with a Content-Length within the limit, plain
    headers (serving.http.wire) and a model description at hand, read the body straight into
    one buffer of its length;
-2. decode and build the host message (``Invocations.prepare``, the same code as the WSGI path),
-   send it on an idle link to the least busy host, and put the link's socket in the same epoll;
-3. when the answer is whole, encode it (``Prepared.finish``) and send head and body in one
-   ``sendmsg``; a deadline with no answer closes the link and answers 504.
+2. decode and build the host message (``Invocations.prepare``, the same code as the WSGI path);
+   at the end of the loop's turn send it, with the others that may go with it as one call
+   (serving.http.gather), on an idle link to the least busy host, and put the link's socket in
+   the same epoll;
+3. when the answer is whole, encode each request's rows (``Prepared.finish``) and send head and
+   body in one ``sendmsg``; a request whose deadline passes first is answered 504 (the link is
+   closed once no request is left in its call).
 
 Every other request, and every request whose head the fast path does not read (chunked,
 ``Expect``, odd headers, a stale model description, other routes, parse errors), goes to a small
