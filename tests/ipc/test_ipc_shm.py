@@ -15,7 +15,14 @@ import pytest
 
 from serving.errors import DeadlineExceeded
 from serving.ipc.client import HostClient
-from serving.ipc.protocol import decode_tensors, encode_tensors, send_message, shm_supported
+from serving.ipc.protocol import (
+    SHM_MIN_BYTES,
+    Joined,
+    decode_tensors,
+    encode_tensors,
+    send_message,
+    shm_supported,
+)
 from serving.ipc.server import IPCServer
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="needs Linux memfd_create and SCM_RIGHTS")
@@ -147,3 +154,19 @@ def test_buffers_beyond_the_end_of_the_region_drop_only_their_connection(host):
     assert _closed_by_peer(bad)
     x = image(5)
     assert ask(HostClient(path), x)["sum"][0] == x.astype(np.int64).sum()
+
+
+@pytest.mark.parametrize("shm_min_bytes", [SHM_MIN_BYTES, None], ids=["shm", "socket"])
+def test_joined_parts_arrive_as_one_buffer_in_order(host, shm_min_bytes):
+    # a gathered call (serving.http.gather): several requests' rows sent as one tensor, the
+    # parts placed end to end in the region or sent one after another on the socket
+    path, seen, _ = host
+    client = HostClient(path, shm_min_bytes=shm_min_bytes)
+    parts = [image(seed, (n, 3, 32, 32)) for seed, n in ((1, 30), (2, 1), (3, 50))]  # 250 KiB in all
+    whole = np.concatenate(parts)
+    spec = {"name": "x", "dtype": whole.dtype.str, "shape": list(whole.shape)}
+    header, out = client.call({"op": "infer", "inputs": [spec]}, [Joined(parts)], time.time() + 5)
+    got = decode_tensors(header["outputs"], out)
+    assert got["sum"][0] == whole.astype(np.int64).sum()
+    np.testing.assert_array_equal(got["first"], whole.reshape(-1)[:8])
+    assert seen == ["shm" if shm_min_bytes else "socket"]
