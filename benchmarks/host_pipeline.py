@@ -106,7 +106,6 @@ def host_main(path: str, ready, report, measure_s: float, pipelined: bool = Fals
     entry.batcher = Batcher(model.predict, BatchPolicy(max_batch_size=128, max_queue=4096),
                             launch=model.launch if pipelined else None, allocate=model.input_buffer,
                             observe=lambda stats: sizes.append(stats.rows), depth=depth)  # fmt: skip
-    entry.policy = entry.batcher._policy  # what the model's description offers frontends to gather
     host.registry._models["model"] = entry
     server = IPCServer(path, host.dispatch, host.dispatch_nowait)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -146,6 +146,11 @@ class Batcher:
             self._run_inline(request)
         return request.future
 
+    @property
+    def policy(self) -> BatchPolicy:
+        """The policy this batcher forms batches by."""
+        return self._policy
+
     def wait_warm(self) -> None:
         """Wait until every worker has run ``warmup``; raise the first error one of them met."""
         with self._cond:

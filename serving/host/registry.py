@@ -21,7 +21,7 @@ import numpy as np
 
 from handlers.base import Handler
 from handlers.registry import check_compatible, detect, handler_class
-from serving.batching import Batcher, BatchPolicy, Outcome
+from serving.batching import Batcher, Outcome
 from serving.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, NotReady, ServingError
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
 from serving.host.validation import conform_inputs
@@ -49,7 +49,6 @@ class Model:
     handler: Handler | None = None
     config: ModelConfig | None = None
     batcher: Batcher | None = None
-    policy: BatchPolicy | None = None
     serial: _SerialScript | None = None
     error: str = ""
     load_seconds: float = 0.0
@@ -77,8 +76,10 @@ class Model:
         request of that many rows, which it would have put in one batch anyway; a model without
         a batch dimension, or batching one row at a time, gets each request alone.
         """
-        policy = self.policy
-        if policy is None or self.handler is None or self.handler.raw or not policy.splittable:
+        if self.batcher is None or self.handler is None or self.handler.raw:
+            return 0
+        policy = self.batcher.policy
+        if not policy.splittable:
             return 0
         return policy.max_batch_size if policy.max_batch_size > 1 else 0
 
@@ -134,7 +135,6 @@ class ModelRegistry:
         if handler.raw and not config.batch:
             model.serial = _SerialScript(handler)
             run, launch = model.serial.run, None
-        model.policy = policy
         allocate = handler.input_buffer if launch is not None else None
         # on the batcher's own threads: the state a warm-up builds may be per thread (cuDNN plans)
         warmup = partial(handler.warmup, warmup_sizes(policy)) if config.warmup and not handler.raw else None
@@ -146,7 +146,7 @@ class ModelRegistry:
             warmup=warmup,
             name=model.name,
             observe=self._observer(model.name),
-            depth=handler.launch_depth if launch is not None else 1,
+            depth=handler.launch_depth,
         )
         model.batcher.wait_warm()
 

@@ -232,19 +232,20 @@ class Call:
         try:
             shares = split_reply(*message, self.members)
         except Exception as err:  # a malformed answer fails every request in the call
-            shares = [err] * len(self.members)
-        for member, share in zip(self.members, shares, strict=True):
+            shares, broken = None, failed(err)
+        for i, member in enumerate(self.members):
             if member.done:
                 continue
             member.done = True
             if member.conn.closed:
                 continue
-            try:
-                if isinstance(share, Exception):
-                    raise share
-                answer = member.prepared.finish(*share)
-            except Exception as err:  # every failure becomes an answer
-                answer = failed(err)
+            if shares is None:
+                answer = broken
+            else:
+                try:
+                    answer = member.prepared.finish(*shares[i])
+                except Exception as err:  # every failure becomes an answer
+                    answer = failed(err)
             member.conn.respond(*answer)
 
     def expire(self, member: Member, answer: tuple) -> None:

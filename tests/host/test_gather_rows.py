@@ -10,6 +10,11 @@ from serving.batching import BatchPolicy
 from serving.host.registry import Model
 
 
+class _Batcher:
+    def __init__(self, policy):
+        self.policy = policy
+
+
 class _Handler:
     def __init__(self, raw=False):
         self.raw = raw
@@ -27,5 +32,6 @@ class _Handler:
     ],
 )
 def test_only_a_model_that_batches_rows_takes_gathered_calls(policy, raw, rows):
-    model = Model("m", Path("/"), handler=_Handler(raw), policy=policy)
+    batcher = _Batcher(policy) if policy is not None else None
+    model = Model("m", Path("/"), handler=_Handler(raw), batcher=batcher)
     assert model.gather_rows() == rows
