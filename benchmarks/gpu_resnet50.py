@@ -38,6 +38,7 @@ from benchmarks.harness import batch_totals, server_roles  # noqa: E402
 from handlers.torch_common import capture_graph  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
+from serving.http.timings import read_all as read_timings  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 MAX_BATCH = 128
@@ -50,6 +51,8 @@ MAX_BATCH = 128
 # py-spy with native (C/C++) frames as well, for a host whose time is inside a compiled runtime
 NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
 GRAPH_SIZES = (1, 2, *range(4, 65, 4), *range(72, 129, 8))
+#: the loop workers write their timing sums once a second (serving.http.timings)
+TIMINGS_TICK_S = 1.2
 
 
 def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: str = "on",
@@ -306,7 +309,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         "ONEBOX_FRONTEND_GATHER": "false" if gather == "off" else "true",
         "ONEBOX_FRONTEND_MAX_CALLS": "0" if gather == "off" else gather,
         "ONEBOX_RUN_DIR": tempfile.mkdtemp(prefix="onebox-run-"),
-    }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals)
+        "ONEBOX_FRONTEND_TIMINGS": tempfile.mkdtemp(prefix="onebox-timings-"),
+    }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals); timings: the frontends' sums
     results = {}
 
     def verify(status: int, payload: bytes):
@@ -331,13 +335,22 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                     spy = profile(proc.pid, duration, profile_dir / name, gil, native=NATIVE_PROFILES)
                     if spy:
                         spies.append(spy)
+            timings_dir = Path(server.env["ONEBOX_FRONTEND_TIMINGS"])
+            time.sleep(TIMINGS_TICK_S)  # the frontends' files are written once a second
+            fronts_before = read_timings(timings_dir)
             before = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
+            window = time.perf_counter()
             with GpuSampler(server.proc.pid) as gpu:
                 result = run_load(url, body=body, headers=headers, concurrency=conc, duration_s=duration,
                                   warmup_s=2.0, processes=processes, verify=verify, verify_every=50)  # fmt: skip
             ran = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
+            window = time.perf_counter() - window
             ran.subtract(before)
             batches = ran["batches"] or 1
+            timeline = host_timeline(ran, window, hosts)
+            time.sleep(TIMINGS_TICK_S)
+            fronts = read_timings(timings_dir)
+            timeline |= frontend_timeline({key: fronts[key] - fronts_before[key] for key in fronts})
             mean_batch, mean_padded = ran["rows"] / batches, (ran["rows"] + ran["padding"]) / batches
             small = sum(count for size, count in ran.items() if isinstance(size, int) and size <= 8) / batches
             per_call = ran["rows"] / (ran["requests"] or 1)  # requests the frontends gathered into one call
@@ -359,6 +372,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 "host_cores": gpu.cores("host"),
                 "frontend_cores": gpu.cores("frontend"),
                 "machine_cores": gpu.cores("machine"),
+                "host_timeline": timeline,
             }
             for spy in spies:
                 spy.wait(60)
@@ -369,7 +383,42 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 f"{gpu.cores('frontend'):.1f} machine {gpu.cores('machine'):.1f}/{os.cpu_count()}",
                 flush=True,
             )
+            print(
+                "        host, per batch: build {build_ms:.2f} ms, launch {launch_ms:.2f} ms, compute {compute_ms:.2f}"
+                " ms, answer {answer_ms:.2f} ms; per call: queued {queue_ms:.2f} ms; starved {starved:.0%} of"
+                " the hosts' time\n        frontends, per request: wait {wait_ms:.2f} ms, at the host {host_ms:.2f} ms,"
+                " answer {answer_ms_front:.2f} ms; client and transfer {turnaround_ms:.2f} ms".format(
+                    **timeline
+                ),
+                flush=True,
+            )
     return results
+
+
+def host_timeline(ran, window_s: float, hosts: int) -> dict:
+    """The hosts' time sums of one run (``batch_totals`` differences) as means: per batch (ms)
+    building it, launching it, computing it (launch to outputs back) and answering it; per host
+    call (ms) waiting in the queue; and the share of the hosts' wall time their batchers waited
+    with nothing queued and nothing on the device (``starved``)."""
+    batches, calls = ran["batches"] or 1, ran["requests"] or 1
+    per_batch = {
+        f"{key}_ms": 1000 * ran[f"{key}_s"] / batches for key in ("build", "launch", "compute", "answer")
+    }
+    return per_batch | {
+        "queue_ms": 1000 * ran["queue_s"] / calls,
+        "starved": ran["starved_s"] / (window_s * hosts) if window_s > 0 else 0.0,
+    }
+
+
+def frontend_timeline(sums: dict) -> dict:
+    """The frontends' time sums of one run (serving.http.timings) as ms per request."""
+    requests, turns = sums["requests"] or 1, sums["turns"] or 1
+    return {
+        "wait_ms": 1000 * sums["wait_s"] / requests,
+        "host_ms": 1000 * sums["host_s"] / requests,
+        "answer_ms_front": 1000 * sums["answer_s"] / requests,
+        "turnaround_ms": 1000 * sums["turnaround_s"] / turns,
+    }
 
 
 def main(argv=None) -> int:

@@ -146,9 +146,14 @@ def server_roles(pid: int) -> dict[str, list]:
     return roles
 
 
+#: the hosts' time sums (seconds) batch_totals adds up, see ``Host.batch_stats`` in serving/host/process.py
+TIME_KEYS = ("queue_s", "build_s", "launch_s", "compute_s", "starved_s", "answer_s")
+
+
 def batch_totals(run_dir: Path, model: str = "model") -> Counter:
     """Batches, rows, padding rows and requests (host calls: gathered requests count once) the
-    model has run, and batches per padded size (int keys), summed over every host listed in
+    model has run, the hosts' time sums (``TIME_KEYS``), and batches per padded size (int keys),
+    summed over every host listed in
     ``run_dir`` (their ``stats`` op; the server must run with ``ONEBOX_RUN_DIR=run_dir``)."""
     totals: Counter = Counter()
     for entry in read_hosts_file(run_dir):
@@ -158,5 +163,6 @@ def batch_totals(run_dir: Path, model: str = "model") -> Counter:
         finally:
             client.close()
         totals.update({key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests")})
+        totals.update({key: stats.get(key, 0.0) for key in TIME_KEYS})
         totals.update({int(size): count for size, count in stats.get("sizes", {}).items()})
     return totals

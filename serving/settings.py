@@ -40,6 +40,7 @@ class Settings:
     # past this many of a worker's calls in flight at every host new ones wait to go together
     frontend_gather: bool = True
     frontend_max_calls: int = 0  # 0: no limit (what is ready in one turn of the loop goes together)
+    frontend_timings: Path | None = None  # loop workers write their time sums here (serving.http.timings)
     timeout_s: float = 60.0  # default per-request deadline
     graceful_timeout_s: float = 25.0  # SIGTERM -> in-flight requests get this long to finish
     max_payload_bytes: int | None = 6 * MB  # None: no limit (batch transform MaxPayloadInMB=0)
@@ -114,6 +115,7 @@ class Settings:
             ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
+            frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),
             model_defaults=defaults,
         )
         settings.validate()

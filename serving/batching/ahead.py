@@ -66,7 +66,10 @@ def _next(batcher: Batcher, in_flight: deque[Flight]) -> list[Part] | None:
             if batcher._closing and not in_flight and batcher._live_head(batcher._clock()) is None:
                 return None
             # woken by a submit, a collected batch or close (a max_delay_ms by the timeout)
-            batcher._cond.wait(batcher._delay or None)
+            if in_flight or batcher._queue:
+                batcher._cond.wait(batcher._delay or None)
+            else:
+                batcher.wait_starved(batcher._delay or None)
 
 
 def _worth_launching(batcher: Batcher, in_flight: deque[Flight]) -> bool:

@@ -88,6 +88,12 @@ class Batcher:
         # batches in the runner at once: the workers', or the pipelined worker's launches
         self._concurrency = max(policy.concurrent_batches, self._depth)
         self._running = 0  # batches in the runner now, on workers or on callers' threads
+        # seconds the worker waited with nothing queued and nothing in the runner, and seconds
+        # spent answering batches (perf_counter; see timings())
+        self._starved = 0.0
+        self._starved_since: float | None = None  # perf_counter() when the present starved wait began
+        self._answering = 0.0
+        self._timing_lock = threading.Lock()
         self._warmup = warmup
         self._cold = policy.concurrent_batches if warmup else 0  # workers still warming up
         self._warmup_error: BaseException | None = None
@@ -157,6 +163,25 @@ class Batcher:
             self._cond.wait_for(lambda: not self._cold)
             if self._warmup_error is not None:
                 raise self._warmup_error
+
+    def timings(self) -> dict[str, float]:
+        """Where the worker's time went, in seconds since it started: ``starved_s`` waiting with
+        nothing queued and nothing in the runner (a device idle for want of requests), and
+        ``answer_s`` handing batches' rows to their requests (the replies sent on the way)."""
+        with self._timing_lock:
+            starved = self._starved
+            if self._starved_since is not None:  # waiting now: the wait so far counts
+                starved += time.perf_counter() - self._starved_since
+            return {"starved_s": starved, "answer_s": self._answering}
+
+    def wait_starved(self, timeout: float | None) -> None:
+        """Wait on the lock's condition (held) for a request, counting the wait as starved."""
+        with self._timing_lock:
+            began = self._starved_since = time.perf_counter()
+        self._cond.wait(timeout)
+        with self._timing_lock:
+            self._starved += time.perf_counter() - began
+            self._starved_since = None
 
     def queue_depth(self) -> int:
         """Rows waiting for a batch."""
@@ -304,7 +329,11 @@ class Batcher:
             if head is None:
                 if not block or (self._closing and not self._running):
                     return None
-                self._cond.wait(None if not self._closing else 0.05)
+                timeout = None if not self._closing else 0.05
+                if self._running:
+                    self._cond.wait(timeout)
+                else:
+                    self.wait_starved(timeout)
                 continue
             if self._running >= self._concurrency:
                 if not block:
@@ -403,7 +432,11 @@ class Batcher:
         if flight.error is not None or outputs is None:
             self._fail(parts, flight.error or ModelError("the batch gave no outputs"))
             return
+        began = time.perf_counter()
         flight.hand_out(outputs, self._parts_lock)
+        took = time.perf_counter() - began
+        with self._timing_lock:
+            self._answering += took
 
     def _fail(self, parts: list[Part], error: ServingError) -> None:
         with self._cond:

@@ -64,9 +64,11 @@ class Flights:
             batch = concatenate(pieces, size, self._allocate)
         flight = Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
         flight.began = self._clock()
+        flight.built = flight.began - start
         try:
             if self._launch is not None:
                 flight.collect = self._launch(batch)
+                flight.launched = self._clock()
             else:
                 flight.collect = partial(self._run, batch)
         except ServingError as exc:
@@ -90,9 +92,17 @@ class Flights:
         flight.collect = None
         compute = self._clock() - flight.began
         self.compute_avg += _EMA_WEIGHT * (compute - self.compute_avg)
-        self._report(
-            BatchStats(flight.rows, flight.size - flight.rows, len(flight.parts), flight.queue_times, compute)
+        launch = flight.launched - flight.began if flight.launched else 0.0
+        stats = BatchStats(
+            flight.rows,
+            flight.size - flight.rows,
+            len(flight.parts),
+            flight.queue_times,
+            compute,
+            flight.built,
+            launch,
         )
+        self._report(stats)
 
     def _report(self, stats: BatchStats) -> None:
         if self._observe is None:

@@ -68,7 +68,9 @@ Launch = Callable[[Tensors], Callable[[], Tensors]]
 class Flight:
     """One batch from its launch to its answers: parts, padding, and its outputs or error."""
 
-    __slots__ = ("parts", "rows", "size", "whole", "queue_times", "began", "collect", "outputs", "error")
+    __slots__ = (
+        "parts", "rows", "size", "whole", "queue_times", "built", "began", "launched", "collect", "outputs", "error",
+    )  # fmt: skip
 
     def __init__(self, parts: list[Part], rows: int, size: int, whole: bool, queue_times: tuple):
         self.parts = parts
@@ -76,7 +78,9 @@ class Flight:
         self.size = size
         self.whole = whole  # one whole request, unpadded (or unsplittable): its outputs go back as they are
         self.queue_times = queue_times
-        self.began = 0.0
+        self.built = 0.0  # seconds its rows took to take and assemble
+        self.began = 0.0  # clock() when it went into the runner
+        self.launched = 0.0  # clock() when the runner's launch returned (pipelined runners)
         self.collect: Callable[[], Tensors] | None = None
         self.outputs: Tensors | None = None
         self.error: ServingError | None = None

@@ -13,4 +13,6 @@ class BatchStats:
     padding: int  # padded rows added to reach an allowed batch size
     requests: int  # requests (or parts of split requests) in the batch
     queue_times: tuple[float, ...]  # seconds each part waited from submit to batch start
-    compute_time: float  # seconds spent in the runner
+    compute_time: float  # seconds from the batch's start in the runner to its outputs back
+    build_time: float = 0.0  # seconds taking its rows from the queue and assembling the batch
+    launch_time: float = 0.0  # seconds the runner's launch took (pipelined runners; part of compute)

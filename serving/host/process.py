@@ -37,6 +37,8 @@ class Host:
         self._batch_totals: dict[str, list[int]] = {}
         # per model: batches run at each size, padding included
         self._batch_sizes: dict[str, Counter[int]] = {}
+        # per model: seconds summed over batches (queue: over their requests' parts), see batch_stats
+        self._batch_times: dict[str, list[float]] = {}
 
     def _count_batch(self, model: str, stats: BatchStats) -> None:
         totals = self._batch_totals.setdefault(model, [0, 0, 0, 0])
@@ -48,16 +50,34 @@ class Host:
         if sizes is None:
             sizes = self._batch_sizes[model] = Counter()
         sizes[stats.rows + stats.padding] += 1
+        times = self._batch_times.setdefault(model, [0.0, 0.0, 0.0, 0.0])
+        times[0] += sum(stats.queue_times)
+        times[1] += stats.build_time
+        times[2] += stats.launch_time
+        times[3] += stats.compute_time
 
     def batch_stats(self) -> dict[str, dict]:
         """Batches, rows, padding rows and requests each model has run since the host started,
-        and ``sizes``: how many batches ran at each size (padding included; keys are strings)."""
+        ``sizes``: how many batches ran at each size (padding included; keys are strings), and
+        where the time went, in seconds summed since the start: ``queue_s`` (requests' waits from
+        arrival to their batch, summed over requests), ``build_s`` (assembling batches),
+        ``launch_s`` (a pipelined runner's launches), ``compute_s`` (start in the runner to outputs
+        back, launches included), and the batcher's ``starved_s`` and ``answer_s``
+        (:meth:`Batcher.timings`)."""
         keys = ("batches", "rows", "padding", "requests")
+        time_keys = ("queue_s", "build_s", "launch_s", "compute_s")
         stats: dict[str, dict] = {}
         for name, totals in list(self._batch_totals.items()):
             stats[name] = dict(zip(keys, totals, strict=True))
+            stats[name].update(zip(time_keys, self._batch_times.get(name, [0.0] * 4), strict=True))
             sizes = self._batch_sizes.get(name, Counter()).copy()
             stats[name]["sizes"] = {str(size): count for size, count in sorted(sizes.items())}
+            try:
+                batcher = self.registry.get(name).batcher
+            except ServingError:  # unloaded meanwhile
+                batcher = None
+            if batcher is not None:
+                stats[name].update(batcher.timings())
         return stats
 
     def dispatch(self, header: dict, buffers: list) -> tuple[dict, list] | Pending:

@@ -33,7 +33,7 @@ class Connection:
     """One client connection in the loop: reading a head, reading a body, waiting, writing."""
 
     __slots__ = ("worker", "sock", "fd", "addr", "listener", "buf", "head", "info", "body", "got", "out",
-                 "in_flight", "close_after", "paused", "closed", "active")  # fmt: skip
+                 "in_flight", "close_after", "paused", "closed", "active", "answered_at")  # fmt: skip
 
     def __init__(self, worker: LoopWorker, sock: socket.socket, addr, listener):
         self.worker, self.sock, self.fd, self.addr, self.listener = (
@@ -54,6 +54,7 @@ class Connection:
         self.paused = False  # not reading: pipelined requests piled up behind the current one
         self.closed = False
         self.active = time.monotonic()
+        self.answered_at = 0.0  # perf_counter() at its last response (serving.http.timings)
 
     def waiting_for_request(self) -> bool:
         return self.head is None and not self.buf and not self.out
@@ -141,6 +142,7 @@ class Connection:
     def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """Send an answer to the current request (dropped if the client is gone)."""
         self.in_flight = False
+        self.answered_at = time.perf_counter()
         if self.closed:
             return
         self.close_after = self.close_after or not (self.head.keep_alive and self.worker.alive)
@@ -199,13 +201,14 @@ class Call:
     """One message at a host, with one request or several gathered ones (serving.http.gather):
     its link's socket is in the epoll until the answer is whole."""
 
-    __slots__ = ("worker", "members", "deadline", "client", "link", "retried")
+    __slots__ = ("worker", "members", "deadline", "client", "link", "retried", "sent_at")
 
     def __init__(self, worker: LoopWorker, members: list[Member]):
         self.worker, self.members = worker, members
         self.deadline = max(m.deadline for m in members)  # the host's; each member has its own timer
         self.client = self.link = None
         self.retried = False
+        self.sent_at = 0.0  # perf_counter() when it went to a host (serving.http.timings)
         for member in members:
             member.call = self
 
@@ -227,8 +230,10 @@ class Call:
             return
         if message is None:
             return
+        answered_at = time.perf_counter()
         self.end(broken=False)
         failed = self.worker.invocations.failed
+        timings = self.worker.timings
         try:
             shares = split_reply(*message, self.members)
         except Exception as err:  # a malformed answer fails every request in the call
@@ -247,6 +252,7 @@ class Call:
                 except Exception as err:  # every failure becomes an answer
                     answer = failed(err)
             member.conn.respond(*answer)
+            timings.answered(member.read_at, self.sent_at, answered_at, member.conn.answered_at)
 
     def expire(self, member: Member, answer: tuple) -> None:
         """``member``'s deadline passed: answer it ``answer``; the link goes once no member is left."""

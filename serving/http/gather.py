@@ -43,7 +43,7 @@ DEADLINE_SPAN_S = 1.0
 class Member:
     """One request in a call: its connection, its prepared message, its deadline."""
 
-    __slots__ = ("conn", "prepared", "deadline", "timeout", "key", "rows", "limit", "call", "done")
+    __slots__ = ("conn", "prepared", "deadline", "timeout", "key", "rows", "limit", "call", "done", "read_at")
 
     def __init__(self, conn: Connection, prepared: Prepared, deadline: float, info: dict | None = None):
         self.conn, self.prepared, self.deadline = conn, prepared, deadline
@@ -52,6 +52,7 @@ class Member:
         self.limit = info.get("gather_rows", 0) if self.key is not None else 0
         self.call: Call | None = None  # the call it went out in
         self.done = False  # answered (or its client is gone)
+        self.read_at = 0.0  # perf_counter() when its body was whole (serving.http.timings)
 
 
 def gather_key(header: dict, info: dict) -> tuple[tuple | None, int]:

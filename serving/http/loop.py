@@ -45,6 +45,7 @@ from gunicorn.workers.base import Worker
 from serving.errors import DeadlineExceeded, NotReady
 from serving.http.connection import IN, Call, Connection
 from serving.http.gather import Member, take_groups
+from serving.http.timings import Timings
 
 log = logging.getLogger("onebox.http")
 
@@ -69,6 +70,7 @@ class LoopWorker(Worker):
         settings = invocations.settings if invocations is not None else None
         self.gather = settings is not None and settings.frontend_gather
         self.max_calls = settings.frontend_max_calls if settings is not None else 0
+        self.timings = Timings(settings.frontend_timings if settings is not None else None)
         # this loop's calls in flight per host (the pool's are not: their answers do not wake it)
         self.calls = dict.fromkeys(self.router.clients, 0) if self.router is not None else {}
         self.sequence = 0
@@ -105,6 +107,7 @@ class LoopWorker(Worker):
 
     def _tick(self, now: float) -> None:
         self.notify()
+        self.timings.dump()
         if not self.alive:
             self._stop_listening()
         for handler in list(self.handlers.values()):
@@ -164,6 +167,9 @@ class LoopWorker(Worker):
         """Decode a read request and queue it for a host (sent at the end of this turn of the
         loop, with the others it can go with), or answer its error."""
         inv = self.invocations
+        read_at = time.perf_counter()
+        if conn.answered_at:
+            self.timings.turned(read_at - conn.answered_at)
         try:
             deadline = inv.deadline(environ)
             prepared = inv.prepare(environ, body, info, deadline)
@@ -171,6 +177,7 @@ class LoopWorker(Worker):
             conn.respond(*inv.failed(err))
             return
         member = Member(conn, prepared, deadline, info if self.gather else None)
+        member.read_at = read_at
         self.sequence += 1
         heapq.heappush(self.timers, (deadline, self.sequence, member))
         if member.key is None:
@@ -208,6 +215,7 @@ class LoopWorker(Worker):
             self.unsent(call, client, NotReady(f"the model host is not reachable ({exc.__class__.__name__})"))
             return
         call.client, call.link = client, link
+        call.sent_at = time.perf_counter()
         self.calls[client] += 1
         self._watch(link.sock.fileno(), call, IN)
 

@@ -153,8 +153,9 @@ class HostClient:
         return self.call({"op": "health"}, [], deadline)[0]
 
     def stats(self, deadline: float) -> dict:
-        """``{"models": {name: {"batches", "rows", "padding", "requests", "sizes"}}}``: what each
-        model ran (``sizes``: batches run at each padded size)."""
+        """``{"models": {name: {"batches", "rows", "padding", "requests", "sizes", ...}}}``: what
+        each model ran (``sizes``: batches run at each padded size) and where the host's time
+        went (``queue_s``, ``build_s``, ``launch_s``, ``compute_s``, ``starved_s``, ``answer_s``)."""
         return self.call({"op": "stats"}, [], deadline)[0]
 
     def load(self, model: str, path: str, deadline: float) -> dict:

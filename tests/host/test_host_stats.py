@@ -59,3 +59,14 @@ def test_stats_give_how_many_batches_ran_at_each_padded_size(tmp_path):
     stats = host.dispatch({"op": "stats"}, [])[0]["models"]["m"]
     assert stats["sizes"] == {"1": 1, "4": 2, "8": 1}
     assert (stats["batches"], stats["rows"], stats["padding"]) == (4, 15, 2)
+
+
+def test_stats_say_where_the_hosts_time_went(served_host):
+    _, client = served_host
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    client.infer("linear", {"x": x}, time.time() + 5)
+    stats = client.stats(time.time() + 5)["models"]["linear"]
+    for key in ("queue_s", "build_s", "launch_s", "compute_s", "starved_s", "answer_s"):
+        assert stats[key] >= 0.0, key
+    # the host waited for its first request, and ran two batches
+    assert stats["starved_s"] > 0.0 and stats["compute_s"] > 0.0

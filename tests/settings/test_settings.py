@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from serving.errors import ConfigError
@@ -111,3 +113,8 @@ def test_gathering_is_on_without_a_limit_by_default_and_both_can_be_set():
     assert (s.frontend_gather, s.frontend_max_calls) == (True, 0)
     s = Settings.from_env({"ONEBOX_FRONTEND_GATHER": "false", "ONEBOX_FRONTEND_MAX_CALLS": "3"})
     assert (s.frontend_gather, s.frontend_max_calls) == (False, 3)
+
+
+def test_frontend_timings_are_off_unless_given_a_directory():
+    assert Settings.from_env({}).frontend_timings is None
+    assert Settings.from_env({"ONEBOX_FRONTEND_TIMINGS": "/tmp/t"}).frontend_timings == Path("/tmp/t")
