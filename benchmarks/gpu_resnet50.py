@@ -56,12 +56,13 @@ TIMINGS_TICK_S = 1.2
 
 
 def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pipeline: str = "on",
-                sizes: tuple[int, ...] = GRAPH_SIZES, kind: str = "torchscript") -> str:  # fmt: skip
+                sizes: tuple[int, ...] = GRAPH_SIZES, kind: str = "torchscript", copy_threads: int = 0) -> str:  # fmt: skip
     """The model's onebox.toml: fp16, batches up to MAX_BATCH formed at once, optionally CUDA graphs.
 
     ``lanes``: batches one host runs at once (``concurrent_batches``); ``sync``: ``cuda_sync``;
     ``pipeline``: ``on`` answers a batch while the next one runs, ``ahead`` also launches the
-    next behind the running one (``pipeline_depth = 2``), ``off`` neither. An AOTInductor package's precision is
+    next behind the running one (``pipeline_depth = 2``), ``off`` neither; ``copy_threads``: the
+    threads assembling a batch (0: the server's default). An AOTInductor package's precision is
     fixed when it is compiled (the model casts to fp16 itself), so it gets no ``precision`` key.
     """
     precision = 'precision = "fp16"\n' if kind == "torchscript" else ""
@@ -70,6 +71,8 @@ def config_toml(dtype: str, graphs: bool, lanes: int = 1, sync: str = "auto", pi
         f'cuda_sync = "{sync}"\npipeline = {str(pipeline != "off").lower()}\n'
         f"pipeline_depth = {2 if pipeline == 'ahead' else 1}\n"
     )
+    if copy_threads:
+        text += f"copy_threads = {copy_threads}\n"
     if graphs:
         text += f"cuda_graphs = true\nbatch_sizes = {list(sizes)}\n"
     return text + f'[[inputs]]\nname = "x"\ndtype = "{dtype}"\nshape = [-1, 3, 224, 224]\n'
@@ -289,9 +292,11 @@ def profile(
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
            lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "on",
-           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0") -> dict:  # fmt: skip
+           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0", copy_threads: int = 0) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
-    (model_dir / "onebox.toml").write_text(config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind))
+    (model_dir / "onebox.toml").write_text(
+        config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind, copy_threads)
+    )
     label = label_of(kind, graphs)
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 224, 224), dtype=np.uint8)
     if dtype == "float16":
@@ -385,8 +390,9 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             )
             print(
                 "        host, per batch: build {build_ms:.2f} ms, launch {launch_ms:.2f} ms, compute {compute_ms:.2f}"
-                " ms, answer {answer_ms:.2f} ms; per call: queued {queue_ms:.2f} ms; starved {starved:.0%} of"
-                " the hosts' time\n        frontends, per request: wait {wait_ms:.2f} ms, at the host {host_ms:.2f} ms,"
+                " ms, answer {answer_ms:.2f} ms; per call: arriving {arrive_ms:.2f} ms, queued {queue_ms:.2f} ms; starved {starved:.0%} of"
+                " the hosts' time\n        frontends, per request: wait {wait_ms:.2f} ms, at the host {host_ms:.2f} ms"
+                " (back {back_ms:.2f} ms),"
                 " answer {answer_ms_front:.2f} ms; client and transfer {turnaround_ms:.2f} ms".format(
                     **timeline
                 ),
@@ -406,6 +412,7 @@ def host_timeline(ran, window_s: float, hosts: int) -> dict:
     }
     return per_batch | {
         "queue_ms": 1000 * ran["queue_s"] / calls,
+        "arrive_ms": 1000 * ran["arrive_s"] / (ran["arrivals"] or 1),
         "starved": ran["starved_s"] / (window_s * hosts) if window_s > 0 else 0.0,
     }
 
@@ -416,6 +423,7 @@ def frontend_timeline(sums: dict) -> dict:
     return {
         "wait_ms": 1000 * sums["wait_s"] / requests,
         "host_ms": 1000 * sums["host_s"] / requests,
+        "back_ms": 1000 * sums["back_s"] / requests,
         "answer_ms_front": 1000 * sums["answer_s"] / requests,
         "turnaround_ms": 1000 * sums["turnaround_s"] / turns,
     }
@@ -456,6 +464,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gather", type=lambda t: t.split(","), default=["0"],
                         help="the loop worker's gathering: off, or N calls in flight per host before requests "
                              "wait to go together (ONEBOX_FRONTEND_MAX_CALLS; 0: no limit), e.g. off,2")  # fmt: skip
+    parser.add_argument("--copy-threads", type=lambda t: [int(c) for c in t.split(",")], default=[0],
+                        help="threads assembling a batch (onebox.toml copy_threads; 0: the server's default), "
+                             "e.g. 1,4")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -483,26 +494,28 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes, sync, pipeline, gather in itertools.product(
-                args.hosts, args.lanes, args.sync, args.pipeline, args.gather
+            for hosts, lanes, sync, pipeline, gather, copy in itertools.product(
+                args.hosts, args.lanes, args.sync, args.pipeline, args.gather, args.copy_threads
             ):
                 piped = {"off": "serial", "on": "pipelined", "ahead": "ahead"}[pipeline]
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
-                    f"cuda_sync {sync}, {piped}, gather {gather}",
+                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
                              hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
-                             args.graph_sizes, gather)  # fmt: skip
+                             args.graph_sizes, gather, copy)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
-                report[f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}"] = {
+                report[
+                    f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}"
+                ] = {
                     "offline": off,
                     "served": srv,
                 }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

@@ -147,7 +147,7 @@ def server_roles(pid: int) -> dict[str, list]:
 
 
 #: the hosts' time sums (seconds) batch_totals adds up, see ``Host.batch_stats`` in serving/host/process.py
-TIME_KEYS = ("queue_s", "build_s", "launch_s", "compute_s", "starved_s", "answer_s")
+TIME_KEYS = ("queue_s", "build_s", "launch_s", "compute_s", "starved_s", "answer_s", "arrive_s")
 
 
 def batch_totals(run_dir: Path, model: str = "model") -> Counter:
@@ -162,7 +162,9 @@ def batch_totals(run_dir: Path, model: str = "model") -> Counter:
             stats = client.stats(time.time() + 5)["models"].get(model, {})
         finally:
             client.close()
-        totals.update({key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests")})
+        totals.update(
+            {key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests", "arrivals")}
+        )
         totals.update({key: stats.get(key, 0.0) for key in TIME_KEYS})
         totals.update({int(size): count for size, count in stats.get("sizes", {}).items()})
     return totals

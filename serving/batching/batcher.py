@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 
 from serving.batching.ahead import launch_ahead
+from serving.batching.copying import RowCopier
 from serving.batching.flights import Flights
 from serving.batching.outcome import Outcome
 from serving.batching.policy import BatchPolicy
@@ -48,6 +49,9 @@ class Batcher:
     ``allocate`` (used only then, when no batch is in the runner) may hand out the arrays a
     batch is assembled in, such as the runner's pinned staging buffers: one copy fewer per batch.
 
+    ``copy_threads`` (more than 1) assembles a batch's rows with that many threads
+    (serving.batching.copying): one thread copies ~5 GB/s, and a device waits for the copy.
+
     ``warmup`` runs first on every worker thread, and batches then run only on those threads
     (``run_here`` is ignored): what a warm-up builds may belong to its thread, as cuDNN's
     execution plans do. :meth:`wait_warm` returns when every worker is warm.
@@ -65,14 +69,23 @@ class Batcher:
         name: str = "model",
         clock: Callable[[], float] = time.time,
         depth: int = 1,
+        copy_threads: int = 1,
     ):
         policy.validate()
         self._launch = launch if policy.concurrent_batches == 1 else None
         # batches launched ahead of the one being collected (the pipelined worker only)
         self._depth = max(1, depth) if self._launch is not None else 1
         allocate = allocate if self._launch is not None else None
+        self._copier = RowCopier(copy_threads, name) if copy_threads > 1 and policy.splittable else None
         self._flights = Flights(
-            run, policy, launch=self._launch, allocate=allocate, observe=observe, clock=clock, name=name
+            run,
+            policy,
+            launch=self._launch,
+            allocate=allocate,
+            observe=observe,
+            clock=clock,
+            name=name,
+            copier=self._copier,
         )
         self._policy = policy
         self._name = name
@@ -201,6 +214,8 @@ class Batcher:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join()
+        if self._copier is not None:
+            self._copier.close()
 
     # --- worker -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from serving.batching.copying import RowCopier
 from serving.batching.policy import BatchPolicy
 from serving.batching.records import Flight, Launch, Part
 from serving.batching.shaping import Allocate, check_outputs, concatenate, padded_size, take_rows
@@ -26,7 +27,7 @@ class Flights:
     ``launch`` (pipelined runners) starts a batch and returns the function that collects it;
     without it a batch runs when collected. ``allocate`` may hand out the arrays a batch is
     assembled in (the batcher passes it only when pipelining, and calls :meth:`begin` only when
-    no batch is in the runner).
+    no batch is in the runner); ``copier`` assembles them with several threads.
     """
 
     def __init__(
@@ -39,8 +40,10 @@ class Flights:
         observe: Callable[[BatchStats], None] | None = None,
         clock: Callable[[], float] = time.time,
         name: str = "model",
+        copier: RowCopier | None = None,
     ):
         self._run = run
+        self._copier = copier
         self._policy = policy
         self._launch = launch
         self._allocate = allocate
@@ -61,7 +64,7 @@ class Flights:
             batch = first_request.inputs
         else:
             pieces = [take_rows(request.inputs, a, b) for request, a, b in parts]
-            batch = concatenate(pieces, size, self._allocate)
+            batch = concatenate(pieces, size, self._allocate, self._copier)
         flight = Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
         flight.began = self._clock()
         flight.built = flight.began - start

@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from serving.batching.copying import RowCopier
 from serving.errors import BadRequest, ModelError
 from serving.types import Tensors
 
@@ -61,14 +62,18 @@ Allocate = Callable[[str, tuple[int, ...], np.dtype], "np.ndarray | None"]
 
 
 def concatenate(
-    parts: Sequence[Tensors], size: int | None = None, allocate: Allocate | None = None
+    parts: Sequence[Tensors],
+    size: int | None = None,
+    allocate: Allocate | None = None,
+    copier: RowCopier | None = None,
 ) -> Tensors:
     """Join ``parts`` row-wise in order and pad to ``size`` rows by repeating the last row.
 
     Repeating a real row (rather than zeros) keeps the padding a valid input for models that
     would choke on zeros (a division by a norm, an embedding index); it is sliced off anyway.
     One ``np.concatenate`` per input; a lone part with nothing to pad is returned as it is.
-    ``allocate`` may supply the arrays to join into (a runner's pinned staging buffers).
+    ``allocate`` may supply the arrays to join into (a runner's pinned staging buffers);
+    ``copier`` copies the rows with several threads.
     """
     rows = sum(_leading(part) for part in parts)
     pad = (rows if size is None else size) - rows
@@ -86,7 +91,10 @@ def concatenate(
         out = allocate(name, shape, dtype) if allocate is not None else None
         if out is None or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
             out = np.empty(shape, dtype=dtype)
-        np.concatenate(arrays, out=out[:rows])
+        if copier is not None:
+            copier.join(arrays, out[:rows])
+        else:
+            np.concatenate(arrays, out=out[:rows])
         if pad:
             out[rows:] = last[-1:]
         joined[name] = out

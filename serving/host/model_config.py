@@ -45,6 +45,7 @@ _TYPES = {
     "cuda_sync": str,
     "pipeline": bool,
     "pipeline_depth": int,
+    "copy_threads": int,
 }
 CUDA_SYNC = ("auto", "spin", "block")
 
@@ -69,6 +70,8 @@ def load_model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
         changes[key] = tuple(value) if key == "batch_sizes" else value
     if changes.get("pipeline_depth", 1) not in (1, 2):
         raise ConfigError(f"{path}: pipeline_depth must be 1 or 2")
+    if changes.get("copy_threads", 1) < 1:
+        raise ConfigError(f"{path}: copy_threads must be an integer >= 1")
     if changes.get("timeout_s", 1) <= 0:
         raise ConfigError(f"{path}: timeout_s must be a positive number of seconds")
     if changes.get("precision") not in (None, "fp32", "fp16", "bf16"):

@@ -39,6 +39,8 @@ class Host:
         self._batch_sizes: dict[str, Counter[int]] = {}
         # per model: seconds summed over batches (queue: over their requests' parts), see batch_stats
         self._batch_times: dict[str, list[float]] = {}
+        # per model: calls that said when they were sent, and seconds summed from then to here
+        self._arrivals: dict[str, list] = {}
 
     def _count_batch(self, model: str, stats: BatchStats) -> None:
         totals = self._batch_totals.setdefault(model, [0, 0, 0, 0])
@@ -62,8 +64,9 @@ class Host:
         where the time went, in seconds summed since the start: ``queue_s`` (requests' waits from
         arrival to their batch, summed over requests), ``build_s`` (assembling batches),
         ``launch_s`` (a pipelined runner's launches), ``compute_s`` (start in the runner to outputs
-        back, launches included), and the batcher's ``starved_s`` and ``answer_s``
-        (:meth:`Batcher.timings`)."""
+        back, launches included), the batcher's ``starved_s`` and ``answer_s``
+        (:meth:`Batcher.timings`), and ``arrive_s`` over ``arrivals``: the calls that carried their
+        send time (loop frontends), summed from it to their decoding here."""
         keys = ("batches", "rows", "padding", "requests")
         time_keys = ("queue_s", "build_s", "launch_s", "compute_s")
         stats: dict[str, dict] = {}
@@ -78,6 +81,8 @@ class Host:
                 batcher = None
             if batcher is not None:
                 stats[name].update(batcher.timings())
+            arrivals, arrive_s = self._arrivals.get(name, (0, 0.0))
+            stats[name].update(arrivals=arrivals, arrive_s=arrive_s)
         return stats
 
     def dispatch(self, header: dict, buffers: list) -> tuple[dict, list] | Pending:
@@ -128,6 +133,11 @@ class Host:
 
     def _infer(self, header: dict, buffers: list, deadline: float, inline: bool):
         inputs = decode_tensors(header["inputs"], buffers)
+        sent = header.get("sent")
+        if isinstance(sent, float):  # a loop frontend's send time: how long the call took to get here
+            arrivals = self._arrivals.setdefault(header["model"], [0, 0.0])
+            arrivals[0] += 1
+            arrivals[1] += time.time() - sent
         future, capped = self.registry.submit(header["model"], inputs, deadline, inline=inline)
         if capped < deadline:  # the model's own timeout_s is shorter: the host must answer 504
             return _outputs_reply(wait_result(future, capped))
@@ -158,7 +168,8 @@ class Host:
 
 def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
     specs, out = encode_tensors(outputs)
-    return {"outputs": specs}, out
+    # "replied": the frontend counts the time the answer takes to reach it (serving.http.timings)
+    return {"outputs": specs, "replied": time.time()}, out
 
 
 def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> int:

@@ -231,6 +231,8 @@ class Call:
         if message is None:
             return
         answered_at = time.perf_counter()
+        replied = message[0].get("replied")
+        back = time.time() - replied if isinstance(replied, float) else 0.0
         self.end(broken=False)
         failed = self.worker.invocations.failed
         timings = self.worker.timings
@@ -252,7 +254,7 @@ class Call:
                 except Exception as err:  # every failure becomes an answer
                     answer = failed(err)
             member.conn.respond(*answer)
-            timings.answered(member.read_at, self.sent_at, answered_at, member.conn.answered_at)
+            timings.answered(member.read_at, self.sent_at, answered_at, member.conn.answered_at, back)
 
     def expire(self, member: Member, answer: tuple) -> None:
         """``member``'s deadline passed: answer it ``answer``; the link goes once no member is left."""

@@ -208,7 +208,8 @@ class LoopWorker(Worker):
         client.started()
         header, buffers = call.message()
         try:
-            link.send({**header, "deadline": call.deadline}, buffers)
+            # "sent": the host counts the time a call takes to reach it (serving.http.timings)
+            link.send({**header, "deadline": call.deadline, "sent": time.time()}, buffers)
         except (ConnectionError, OSError) as exc:
             link.close()
             client.finished()

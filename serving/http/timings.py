@@ -4,6 +4,8 @@ Four stretches of every fast-path request, in seconds summed over requests:
 - ``wait_s``: its body whole → its call sent to a host (decoding, and waiting for the turn's end
   to go with the others gathered with it);
 - ``host_s``: the call sent → the host's answer whole (the host's queue, batch and reply);
+- ``back_s``: of ``host_s``, the host's reply leaving it (its clock) → the answer whole here: the
+  way back (the host's stats give the way there, ``arrive_s``);
 - ``answer_s``: the answer whole → this request's response handed to its socket (splitting the
   answer and encoding its rows, after the earlier members of its call);
 - ``turnaround_s`` (over ``turns``, the requests that followed an answer on a kept-alive
@@ -21,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-FIELDS = ("requests", "wait_s", "host_s", "answer_s", "turns", "turnaround_s")
+FIELDS = ("requests", "wait_s", "host_s", "back_s", "answer_s", "turns", "turnaround_s")
 
 
 class Timings:
@@ -31,15 +33,19 @@ class Timings:
 
     def __init__(self, directory: Path | None):
         self.requests = self.turns = 0
-        self.wait_s = self.host_s = self.answer_s = self.turnaround_s = 0.0
+        self.wait_s = self.host_s = self.back_s = self.answer_s = self.turnaround_s = 0.0
         self._path = Path(directory) / f"frontend-{os.getpid()}.json" if directory is not None else None
 
-    def answered(self, read_at: float, sent_at: float, answered_at: float, done_at: float) -> None:
+    def answered(
+        self, read_at: float, sent_at: float, answered_at: float, done_at: float, back: float = 0.0
+    ) -> None:
         """One request went out at ``sent_at`` after its body was whole at ``read_at``; its
-        call's answer was whole at ``answered_at`` and its response handed over at ``done_at``."""
+        call's answer was whole at ``answered_at`` (``back`` seconds after the host sent it) and
+        its response handed over at ``done_at``."""
         self.requests += 1
         self.wait_s += sent_at - read_at
         self.host_s += answered_at - sent_at
+        self.back_s += back
         self.answer_s += done_at - answered_at
 
     def turned(self, seconds: float) -> None:

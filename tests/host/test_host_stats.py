@@ -70,3 +70,23 @@ def test_stats_say_where_the_hosts_time_went(served_host):
         assert stats[key] >= 0.0, key
     # the host waited for its first request, and ran two batches
     assert stats["starved_s"] > 0.0 and stats["compute_s"] > 0.0
+
+
+def test_calls_that_say_when_they_were_sent_are_timed_on_arrival(tmp_path):
+    host = Host(Settings.from_env({}), Device.parse("cpu"))
+    host.load_at_start("linear", onnx_model(tmp_path / "linear"))
+    try:
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        from serving.ipc.protocol import encode_tensors
+
+        specs, buffers = encode_tensors({"x": x})
+        header = {"op": "infer", "model": "linear", "inputs": specs, "deadline": time.time() + 5}
+        for pending in (
+            host.dispatch({**header, "sent": time.time() - 0.25}, buffers),
+            host.dispatch(header, buffers),  # no send time: not counted
+        ):
+            pending.future.result(5)
+        stats = host.dispatch({"op": "stats"}, [])[0]["models"]["linear"]
+        assert stats["arrivals"] == 1 and 0.25 <= stats["arrive_s"] < 5
+    finally:
+        host.registry.close()

@@ -275,3 +275,12 @@ def test_concurrent_batches_come_from_the_handler_unless_onebox_toml_says():
     )
     # a user script that did not opt in to batching runs one request at a time, always
     assert batch_policy(ModelConfig(), DYNAMIC, raw=True, concurrency=2).concurrent_batches == 1
+
+
+def test_copy_threads_are_read_and_must_be_positive(tmp_path):
+    assert load_model_config(tmp_path, ModelConfig()).copy_threads is None
+    _write(tmp_path, "copy_threads = 6\n")
+    assert load_model_config(tmp_path, ModelConfig()).copy_threads == 6
+    _write(tmp_path, "copy_threads = 0\n")
+    with pytest.raises(ConfigError, match="copy_threads"):
+        load_model_config(tmp_path, ModelConfig())

@@ -45,6 +45,8 @@ def test_the_loop_worker_writes_where_its_requests_spent_their_time(tmp_path):
     # each one that followed a fast-path answer on its connection is a turn
     assert sums["requests"] - 2 <= sums["turns"] <= sums["requests"] - 1
     assert sums["host_s"] > 0 and sums["wait_s"] >= 0 and sums["answer_s"] >= 0
+    # the host stamps its replies: the way back is part of the time at the host
+    assert 0 < sums["back_s"] < sums["host_s"]
     # the client slept 10 ms between requests: that is its time, not the server's
     assert sums["turnaround_s"] >= sums["turns"] * 0.01
 
@@ -56,6 +58,6 @@ def test_without_a_directory_nothing_is_written(tmp_path):
     timings.answered(1.0, 1.5, 3.0, 3.25)
     timings.dump()
     assert timings.as_dict() == {
-        "requests": 1, "wait_s": 0.5, "host_s": 1.5, "answer_s": 0.25, "turns": 0, "turnaround_s": 0.0,
+        "requests": 1, "wait_s": 0.5, "host_s": 1.5, "back_s": 0.0, "answer_s": 0.25, "turns": 0, "turnaround_s": 0.0,
     }  # fmt: skip
     assert list(tmp_path.iterdir()) == []
