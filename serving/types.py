@@ -140,6 +140,6 @@ class ModelConfig:
     cuda_sync: str = "auto"  # how a host thread waits for a CUDA batch: spin | block | auto
     pipeline: bool = True  # answer a batch while the next one runs on the device (CUDA torch handlers)
     pipeline_depth: int = 1  # pipelined: batches launched at once (2: the next waits on the device)
-    copy_threads: int | None = None  # threads assembling a batch (None: 4 for a device runner, else 1)
+    copy_threads: int | None = None  # threads assembling a batch's rows (None: 1; serving.batching.copying)
     extra: dict = field(default_factory=dict)  # handler-specific keys from onebox.toml
     explicit: frozenset[str] = frozenset()  # keys onebox.toml set (the rest are server-wide defaults)

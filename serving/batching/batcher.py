@@ -188,13 +188,19 @@ class Batcher:
             return {"starved_s": starved, "answer_s": self._answering}
 
     def wait_starved(self, timeout: float | None) -> None:
-        """Wait on the lock's condition (held) for a request, counting the wait as starved."""
+        """Wait on the lock's condition (held) for a request, counting the wait as starved.
+
+        With several workers idle at once the time is counted once: by the first to wait.
+        """
         with self._timing_lock:
-            began = self._starved_since = time.perf_counter()
+            first = self._starved_since is None
+            if first:
+                began = self._starved_since = time.perf_counter()
         self._cond.wait(timeout)
-        with self._timing_lock:
-            self._starved += time.perf_counter() - began
-            self._starved_since = None
+        if first:
+            with self._timing_lock:
+                self._starved += time.perf_counter() - began
+                self._starved_since = None
 
     def queue_depth(self) -> int:
         """Rows waiting for a batch."""

@@ -70,7 +70,11 @@ class Host:
         keys = ("batches", "rows", "padding", "requests")
         time_keys = ("queue_s", "build_s", "launch_s", "compute_s")
         stats: dict[str, dict] = {}
-        for name, totals in list(self._batch_totals.items()):
+        # every loaded model, also one that has run nothing yet: its batcher's time counts from
+        # its start, so a difference of two readings covers only the time between them
+        names = dict.fromkeys([*self._batch_totals, *(m.name for m in self.registry.models() if m.batcher)])
+        for name in names:
+            totals = self._batch_totals.get(name, [0, 0, 0, 0])
             stats[name] = dict(zip(keys, totals, strict=True))
             stats[name].update(zip(time_keys, self._batch_times.get(name, [0.0] * 4), strict=True))
             sizes = self._batch_sizes.get(name, Counter()).copy()

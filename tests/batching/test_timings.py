@@ -92,3 +92,15 @@ def test_batch_stats_give_the_build_and_the_launch_of_each_batch(runner, pipelin
         assert 0.045 <= stats.launch_time <= stats.compute_time
     else:
         assert stats.launch_time == 0.0
+
+
+def test_several_idle_workers_count_the_wall_time_once(runner):
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=4, concurrent_batches=3))
+    started = time.perf_counter()
+    try:
+        time.sleep(IDLE_S)
+    finally:
+        batcher.close()  # every worker's wait ends and is counted
+    wall = time.perf_counter() - started
+    waited = batcher.timings()["starved_s"]
+    assert IDLE_S * 0.9 <= waited <= wall + 0.05  # not three times the wait

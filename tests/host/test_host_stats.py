@@ -90,3 +90,15 @@ def test_calls_that_say_when_they_were_sent_are_timed_on_arrival(tmp_path):
         assert stats["arrivals"] == 1 and 0.25 <= stats["arrive_s"] < 5
     finally:
         host.registry.close()
+
+
+def test_a_model_that_ran_nothing_yet_reports_its_idle_time(tmp_path):
+    host = Host(Settings.from_env({}), Device.parse("cpu"))
+    host.load_at_start("linear", onnx_model(tmp_path / "linear"))
+    try:
+        time.sleep(0.2)
+        stats = host.dispatch({"op": "stats"}, [])[0]["models"]["linear"]
+        assert (stats["batches"], stats["rows"], stats["sizes"]) == (0, 0, {})
+        assert stats["starved_s"] >= 0.15  # counted from the batcher's start, not its first batch
+    finally:
+        host.registry.close()
