@@ -170,6 +170,11 @@ class Batcher:
         """The policy this batcher forms batches by."""
         return self._policy
 
+    @property
+    def copy_threads(self) -> int:
+        """Threads that assemble a batch's rows (1: the worker's own)."""
+        return self._copier.threads if self._copier is not None else 1
+
     def wait_warm(self) -> None:
         """Wait until every worker has run ``warmup``; raise the first error one of them met."""
         with self._cond:

@@ -78,7 +78,7 @@ class Flight:
         self.size = size
         self.whole = whole  # one whole request, unpadded (or unsplittable): its outputs go back as they are
         self.queue_times = queue_times
-        self.built = 0.0  # seconds its rows took to take and assemble
+        self.built = 0.0  # seconds its rows took to assemble
         self.began = 0.0  # clock() when it went into the runner
         self.launched = 0.0  # clock() when the runner's launch returned (pipelined runners)
         self.collect: Callable[[], Tensors] | None = None

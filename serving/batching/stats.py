@@ -14,5 +14,5 @@ class BatchStats:
     requests: int  # requests (or parts of split requests) in the batch
     queue_times: tuple[float, ...]  # seconds each part waited from submit to batch start
     compute_time: float  # seconds from the batch's start in the runner to its outputs back
-    build_time: float = 0.0  # seconds taking its rows from the queue and assembling the batch
+    build_time: float = 0.0  # seconds assembling the batch from its requests' rows (after the take)
     launch_time: float = 0.0  # seconds the runner's launch took (pipelined runners; part of compute)

@@ -102,3 +102,15 @@ def test_a_model_that_ran_nothing_yet_reports_its_idle_time(tmp_path):
         assert stats["starved_s"] >= 0.15  # counted from the batcher's start, not its first batch
     finally:
         host.registry.close()
+
+
+@pytest.mark.parametrize(("toml", "threads"), [("", 1), ("copy_threads = 3\n", 3)])
+def test_copy_threads_from_onebox_toml_reach_the_batcher(tmp_path, toml, threads):
+    host = Host(Settings.from_env({}), Device.parse("cpu"))
+    model_dir = onnx_model(tmp_path / "linear")
+    (model_dir / "onebox.toml").write_text("max_batch_size = 8\n" + toml)
+    host.load_at_start("linear", model_dir)
+    try:
+        assert host.registry.get("linear").batcher.copy_threads == threads
+    finally:
+        host.registry.close()
