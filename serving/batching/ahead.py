@@ -1,6 +1,6 @@
 """The pipelined worker with two batches on the device: the next one launched behind the running one.
 
-With one batch on the device at a time (``Batcher._pipeline``) the device waits, after each
+With one batch on the device at a time (serving.batching.pipeline) the device waits, after each
 batch, for the worker to collect it, build the next from the queue (for ResNet-50 images, a
 copy of ~150 KB a row into pinned memory) and launch it: with one model host feeding an H200
 at batches of ~80 rows, the GPU was busy 54% of the time while the host used 0.6 of a core.

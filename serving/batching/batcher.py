@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
-from serving.batching.ahead import launch_ahead
 from serving.batching.copying import RowCopier
 from serving.batching.flights import Flights
 from serving.batching.outcome import Outcome
+from serving.batching.pipeline import run_pipelined
 from serving.batching.policy import BatchPolicy
 from serving.batching.records import Flight, Launch, Part, Request, settle
 from serving.batching.shaping import Allocate, count_rows, shape_key
 from serving.batching.stats import BatchStats
+from serving.batching.timing import WorkerTimes
 from serving.errors import (
     DeadlineExceeded,
     ModelError,
@@ -40,12 +40,9 @@ class Batcher:
 
     ``launch``, for a runner that computes on a device while the host goes on (CUDA), starts a
     batch and returns a function that waits for its outputs. With it, and one batch at a time,
-    the worker pipelines: when batch N's outputs are back it launches batch N+1 from what queued
-    meanwhile, and only then answers batch N's requests, so the answers (and the next requests
-    they let in) cost no device time. The device still runs one batch at a time. With ``depth``
-    2 (a runner that can hold two launches apart: a CUDA runner with two staging sets on one
-    stream) it launches the next batch from what is queued while one runs, so the device starts
-    it the moment the running one ends instead of after its collection and the next build.
+    the worker pipelines (serving.batching.pipeline): N+1 is launched before N is answered.
+    With ``depth`` 2 (a runner that can hold two launches apart: a CUDA runner with two staging
+    sets on one stream) the next batch is launched behind the running one (serving.batching.ahead).
     ``allocate`` (used only then, when no batch is in the runner) may hand out the arrays a
     batch is assembled in, such as the runner's pinned staging buffers: one copy fewer per batch.
 
@@ -101,12 +98,7 @@ class Batcher:
         # batches in the runner at once: the workers', or the pipelined worker's launches
         self._concurrency = max(policy.concurrent_batches, self._depth)
         self._running = 0  # batches in the runner now, on workers or on callers' threads
-        # seconds the worker waited with nothing queued and nothing in the runner, and seconds
-        # spent answering batches (perf_counter; see timings())
-        self._starved = 0.0
-        self._starved_since: float | None = None  # perf_counter() when the present starved wait began
-        self._answering = 0.0
-        self._timing_lock = threading.Lock()
+        self._times = WorkerTimes()  # starved and answering seconds (timings())
         self._warmup = warmup
         self._cold = policy.concurrent_batches if warmup else 0  # workers still warming up
         self._warmup_error: BaseException | None = None
@@ -183,29 +175,14 @@ class Batcher:
                 raise self._warmup_error
 
     def timings(self) -> dict[str, float]:
-        """Where the worker's time went, in seconds since it started: ``starved_s`` waiting with
-        nothing queued and nothing in the runner (a device idle for want of requests), and
-        ``answer_s`` handing batches' rows to their requests (the replies sent on the way)."""
-        with self._timing_lock:
-            starved = self._starved
-            if self._starved_since is not None:  # waiting now: the wait so far counts
-                starved += time.perf_counter() - self._starved_since
-            return {"starved_s": starved, "answer_s": self._answering}
+        """Where the worker's time went since it started (serving.batching.timing): ``starved_s``
+        waiting with nothing queued and nothing in the runner (a device idle for want of
+        requests), and ``answer_s`` handing batches' rows to their requests (replies included)."""
+        return self._times.snapshot()
 
     def wait_starved(self, timeout: float | None) -> None:
-        """Wait on the lock's condition (held) for a request, counting the wait as starved.
-
-        With several workers idle at once the time is counted once: by the first to wait.
-        """
-        with self._timing_lock:
-            first = self._starved_since is None
-            if first:
-                began = self._starved_since = time.perf_counter()
-        self._cond.wait(timeout)
-        if first:
-            with self._timing_lock:
-                self._starved += time.perf_counter() - began
-                self._starved_since = None
+        """Wait on the lock's condition (held) for a request, counting the wait as starved."""
+        self._times.wait_starved(self._cond, timeout)
 
     def queue_depth(self) -> int:
         """Rows waiting for a batch."""
@@ -256,60 +233,7 @@ class Batcher:
             self._execute_counted(parts)
 
     def _pipeline_loop(self) -> None:
-        """One worker, at most one batch on the device: launch N+1 before answering N.
-
-        N's answers go to a thread of their own when N+1 was launched: a launch can take
-        milliseconds of CPU without the GIL (an AOTInductor ResNet-50 makes ~2.7 ms of kernel
-        launches per batch), and the answers then go out meanwhile instead of after it.
-        With nothing launched they are sent here, sparing an idle server a thread hand-off.
-        """
-        answers: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()
-        answerer = threading.Thread(
-            target=self._answer, args=(answers,), name=f"{self._name}-answers", daemon=True
-        )
-        answerer.start()
-        try:
-            if self._depth > 1:
-                launch_ahead(self, answers)
-            else:
-                self._pipeline(answers)
-        finally:
-            answers.put(None)
-            answerer.join()
-
-    def _answer(self, answers: queue.SimpleQueue) -> None:
-        while (flight := answers.get()) is not None:
-            self._guarded(self._finish, flight)
-
-    def _pipeline(self, answers: queue.SimpleQueue) -> None:
-        flight: Flight | None = None
-        while True:
-            if flight is not None:
-                # the device finishes N; the GIL is free meanwhile
-                self._guarded(self._flights.collect, flight)
-                if flight.error is not None:
-                    # failed: answer at once, so the rest of a split request is not launched
-                    self._guarded(self._finish, flight)
-            with self._cond:
-                if flight is not None:
-                    self._running -= 1
-                parts = self._next_batch(block=flight is None)
-                if parts is not None:
-                    self._running += 1
-            if parts is None and flight is None:
-                return
-            launched = None
-            if parts is not None:
-                launched = self._guarded(self._flights.begin, parts)
-                if launched is None:  # a bug, already failed and logged: the runner is free again
-                    with self._cond:
-                        self._running -= 1
-            if flight is not None and flight.error is None:
-                if launched is not None:
-                    answers.put(flight)  # N's answers while N+1 is launched and runs
-                else:
-                    self._guarded(self._finish, flight)
-            flight = launched
+        run_pipelined(self)  # serving.batching.pipeline: one batch on the device, or two (ahead)
 
     def _guarded(self, step: Callable, arg):
         """``step(arg)``; a bug in it fails the batch's requests instead of killing the worker."""
@@ -460,9 +384,7 @@ class Batcher:
             return
         began = time.perf_counter()
         flight.hand_out(outputs, self._parts_lock)
-        took = time.perf_counter() - began
-        with self._timing_lock:
-            self._answering += took
+        self._times.answered(time.perf_counter() - began)
 
     def _fail(self, parts: list[Part], error: ServingError) -> None:
         with self._cond:
