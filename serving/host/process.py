@@ -72,19 +72,15 @@ class Host:
         stats: dict[str, dict] = {}
         # every loaded model, also one that has run nothing yet: its batcher's time counts from
         # its start, so a difference of two readings covers only the time between them
-        names = dict.fromkeys([*self._batch_totals, *(m.name for m in self.registry.models() if m.batcher)])
-        for name in names:
+        models = {m.name: m for m in self.registry.models() if m.batcher}
+        for name in dict.fromkeys([*self._batch_totals, *models]):
             totals = self._batch_totals.get(name, [0, 0, 0, 0])
             stats[name] = dict(zip(keys, totals, strict=True))
             stats[name].update(zip(time_keys, self._batch_times.get(name, [0.0] * 4), strict=True))
             sizes = self._batch_sizes.get(name, Counter()).copy()
             stats[name]["sizes"] = {str(size): count for size, count in sorted(sizes.items())}
-            try:
-                batcher = self.registry.get(name).batcher
-            except ServingError:  # unloaded meanwhile
-                batcher = None
-            if batcher is not None:
-                stats[name].update(batcher.timings())
+            if name in models:  # not unloaded since
+                stats[name].update(models[name].batcher.timings())
             arrivals, arrive_s = self._arrivals.get(name, (0, 0.0))
             stats[name].update(arrivals=arrivals, arrive_s=arrive_s)
         return stats
