@@ -14,6 +14,59 @@ import numpy as np
 Tensors = dict[str, np.ndarray]
 
 
+class Rows:
+    """One batch input not yet joined: the rows of ``parts`` end to end, padded to ``size`` rows
+    by repeating the last row (as ``serving.batching.shaping.concatenate`` would join them).
+
+    A batcher hands these to a handler that takes them (``Handler.takes_rows``): a CUDA runner
+    then copies each request's rows to the device from where they arrived (a frontend's shared
+    region, registered with CUDA: handlers.host_memory) instead of joining them on the host
+    first. ``np.asarray(rows)`` joins them, so code that wants an array gets one.
+    """
+
+    __slots__ = ("parts", "rows", "shape", "dtype")
+
+    def __init__(self, parts: list[np.ndarray], size: int | None = None):
+        if not parts:
+            raise ValueError("Rows needs at least one part")
+        self.parts = parts
+        self.rows = sum(len(p) for p in parts)
+        size = self.rows if size is None else size
+        if size < self.rows:
+            raise ValueError(f"cannot pad {self.rows} rows down to {size}")
+        self.shape = (size, *parts[-1].shape[1:])
+        self.dtype = np.result_type(*parts)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def join(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The joined, padded array: written into ``out`` (C-contiguous, this shape) when given."""
+        if out is None:
+            out = np.empty(self.shape, self.dtype)
+        np.concatenate(self.parts, out=out[: self.rows])
+        if self.rows < len(out):
+            out[self.rows :] = self.parts[-1][-1:]
+        return out
+
+    def astype(self, dtype, copy: bool = True) -> Rows | np.ndarray:
+        """Itself when no conversion (or copy) is asked for; else the joined array, converted."""
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        return self.join().astype(dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        joined = self.join()
+        return joined if dtype is None else joined.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"Rows({len(self.parts)} parts, {self.rows} rows, shape={self.shape}, dtype={self.dtype})"
+
+
 class BatchMode(StrEnum):
     """How an artifact accepts a batch dimension."""
 

@@ -48,6 +48,8 @@ class Batcher:
 
     ``copy_threads`` (more than 1) assembles a batch's rows with that many threads
     (serving.batching.copying): one thread copies ~5 GB/s, and a device waits for the copy.
+    ``gather``, for a runner that takes :class:`~serving.types.Rows`, leaves the rows unjoined:
+    the runner copies each request's rows to its device itself (then neither is used).
 
     ``warmup`` runs first on every worker thread, and batches then run only on those threads
     (``run_here`` is ignored): what a warm-up builds may belong to its thread, as cuDNN's
@@ -67,12 +69,14 @@ class Batcher:
         clock: Callable[[], float] = time.time,
         depth: int = 1,
         copy_threads: int = 1,
+        gather: bool = False,
     ):
         policy.validate()
         self._launch = launch if policy.concurrent_batches == 1 else None
         # batches launched ahead of the one being collected (the pipelined worker only)
         self._depth = max(1, depth) if self._launch is not None else 1
-        allocate = allocate if self._launch is not None else None
+        allocate = allocate if self._launch is not None and not gather else None
+        copy_threads = 1 if gather else copy_threads
         self._copier = RowCopier(copy_threads, name) if copy_threads > 1 and policy.splittable else None
         self._flights = Flights(
             run,
@@ -83,7 +87,9 @@ class Batcher:
             clock=clock,
             name=name,
             copier=self._copier,
+            gather=gather,
         )
+        self._gather = gather
         self._policy = policy
         self._name = name
         self._clock = clock
@@ -161,6 +167,11 @@ class Batcher:
     def policy(self) -> BatchPolicy:
         """The policy this batcher forms batches by."""
         return self._policy
+
+    @property
+    def gathers(self) -> bool:
+        """Whether batches reach the runner as unjoined Rows (the runner copies them itself)."""
+        return self._gather
 
     @property
     def copy_threads(self) -> int:

@@ -10,7 +10,7 @@ from functools import partial
 from serving.batching.copying import RowCopier
 from serving.batching.policy import BatchPolicy
 from serving.batching.records import Flight, Launch, Part
-from serving.batching.shaping import Allocate, check_outputs, concatenate, padded_size, take_rows
+from serving.batching.shaping import Allocate, check_outputs, concatenate, gather, padded_size, take_rows
 from serving.batching.stats import BatchStats
 from serving.errors import ModelError, ServingError
 from serving.types import Tensors
@@ -27,7 +27,9 @@ class Flights:
     ``launch`` (pipelined runners) starts a batch and returns the function that collects it;
     without it a batch runs when collected. ``allocate`` may hand out the arrays a batch is
     assembled in (the batcher passes it only when pipelining, and calls :meth:`begin` only when
-    no batch is in the runner); ``copier`` assembles them with several threads.
+    no batch is in the runner); ``copier`` assembles them with several threads. With ``gather``
+    (a runner that takes :class:`~serving.types.Rows`) a batch's rows are not joined here at all:
+    the runner copies each request's rows to its device (``allocate`` and ``copier`` go unused).
     """
 
     def __init__(
@@ -41,8 +43,10 @@ class Flights:
         clock: Callable[[], float] = time.time,
         name: str = "model",
         copier: RowCopier | None = None,
+        gather: bool = False,
     ):
         self._run = run
+        self._gather = gather
         self._copier = copier
         self._policy = policy
         self._launch = launch
@@ -64,7 +68,10 @@ class Flights:
             batch = first_request.inputs
         else:
             pieces = [take_rows(request.inputs, a, b) for request, a, b in parts]
-            batch = concatenate(pieces, size, self._allocate, self._copier)
+            if self._gather:
+                batch = gather(pieces, size)
+            else:
+                batch = concatenate(pieces, size, self._allocate, self._copier)
         flight = Flight(parts, rows, size, whole or not self._policy.splittable, queue_times)
         flight.began = self._clock()
         flight.built = flight.began - start

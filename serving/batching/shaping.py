@@ -12,7 +12,7 @@ import numpy as np
 
 from serving.batching.copying import RowCopier
 from serving.errors import BadRequest, ModelError
-from serving.types import Tensors
+from serving.types import Rows, Tensors
 
 
 def count_rows(inputs: Tensors) -> int:
@@ -99,6 +99,13 @@ def concatenate(
             out[rows:] = last[-1:]
         joined[name] = out
     return joined
+
+
+def gather(parts: Sequence[Tensors], size: int | None = None) -> Tensors:
+    """``parts`` as :class:`Rows` per input, not joined: what :func:`concatenate` would build,
+    left to a runner that copies each part to its device itself (see ``Handler.takes_rows``)."""
+    rows = sum(_leading(part) for part in parts)
+    return {name: Rows([part[name] for part in parts], rows if size is None else size) for name in parts[0]}
 
 
 def check_outputs(outputs: object, rows: int) -> Tensors:
