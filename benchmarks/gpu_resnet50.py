@@ -292,7 +292,8 @@ def profile(
 def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], duration: float, workers: int,
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
            lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "on",
-           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0", copy_threads: int = 0) -> dict:  # fmt: skip
+           sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0", copy_threads: int = 0,
+           pin: str = "on") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(
         config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind, copy_threads)
@@ -315,6 +316,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         "ONEBOX_FRONTEND_MAX_CALLS": "0" if gather == "off" else gather,
         "ONEBOX_RUN_DIR": tempfile.mkdtemp(prefix="onebox-run-"),
         "ONEBOX_FRONTEND_TIMINGS": tempfile.mkdtemp(prefix="onebox-timings-"),
+        # on: the hosts register the frontends' shared regions with CUDA and copy from them
+        "ONEBOX_IPC_PIN": "true" if pin == "on" else "false",
     }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals); timings: the frontends' sums
     results = {}
 
@@ -350,6 +353,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                                   warmup_s=2.0, processes=processes, verify=verify, verify_every=50)  # fmt: skip
             ran = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
             window = time.perf_counter() - window
+            pinned, pin_failures = ran["pinned_regions"], ran["pin_failures"]
             ran.subtract(before)
             batches = ran["batches"] or 1
             timeline = host_timeline(ran, window, hosts)
@@ -378,6 +382,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 "frontend_cores": gpu.cores("frontend"),
                 "machine_cores": gpu.cores("machine"),
                 "host_timeline": timeline,
+                "pinned_regions": pinned,
+                "pin_failures": pin_failures,
             }
             for spy in spies:
                 spy.wait(60)
@@ -393,8 +399,9 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 " ms, answer {answer_ms:.2f} ms; per call: arriving {arrive_ms:.2f} ms, queued {queue_ms:.2f} ms; starved {starved:.0%} of"
                 " the hosts' time\n        frontends, per request: wait {wait_ms:.2f} ms, at the host {host_ms:.2f} ms"
                 " (back {back_ms:.2f} ms),"
-                " answer {answer_ms_front:.2f} ms; client and transfer {turnaround_ms:.2f} ms".format(
-                    **timeline
+                " answer {answer_ms_front:.2f} ms; client and transfer {turnaround_ms:.2f} ms;"
+                " {pinned} regions registered ({failures} refused)".format(
+                    **timeline, pinned=pinned, failures=pin_failures
                 ),
                 flush=True,
             )
@@ -467,6 +474,9 @@ def main(argv=None) -> int:
     parser.add_argument("--copy-threads", type=lambda t: [int(c) for c in t.split(",")], default=[0],
                         help="threads assembling a batch (onebox.toml copy_threads; 0: the server's default), "
                              "e.g. 1,4")  # fmt: skip
+    parser.add_argument("--pin", type=lambda t: t.split(","), default=["on"],
+                        help="on: hosts register the frontends' shared regions with CUDA and copy "
+                             "requests from them (ONEBOX_IPC_PIN); off: joined on the host, e.g. on,off")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -494,28 +504,28 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes, sync, pipeline, gather, copy in itertools.product(
-                args.hosts, args.lanes, args.sync, args.pipeline, args.gather, args.copy_threads
+            for hosts, lanes, sync, pipeline, gather, copy, pin in itertools.product(
+                args.hosts, args.lanes, args.sync, args.pipeline, args.gather, args.copy_threads, args.pin
             ):
                 piped = {"off": "serial", "on": "pipelined", "ahead": "ahead"}[pipeline]
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
-                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}",
+                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}, pin {pin}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
                              hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
-                             args.graph_sizes, gather, copy)  # fmt: skip
+                             args.graph_sizes, gather, copy, pin)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
                 report[
-                    f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}"
+                    f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}/pin{pin}"
                 ] = {
                     "offline": off,
                     "served": srv,
                 }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

@@ -159,9 +159,13 @@ def batch_totals(run_dir: Path, model: str = "model") -> Counter:
     for entry in read_hosts_file(run_dir):
         client = HostClient(entry["socket"])
         try:
-            stats = client.stats(time.time() + 5)["models"].get(model, {})
+            reply = client.stats(time.time() + 5)
+            stats = reply["models"].get(model, {})
         finally:
             client.close()
+        # frontend regions the host's device copies from (a CUDA host: handlers.host_memory)
+        totals["pinned_regions"] += reply.get("pinned", {}).get("regions", 0)
+        totals["pin_failures"] += reply.get("pinned", {}).get("failures", 0)
         totals.update(
             {key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests", "arrivals")}
         )

@@ -44,6 +44,9 @@ class Handler(abc.ABC):
     #: batches a pipelined handler may have launched at once (the batcher launches the next one
     #: while one runs when this is 2)
     launch_depth: int = 1
+    #: True when :meth:`launch` and :meth:`predict` take :class:`~serving.types.Rows` (a batch's
+    #: requests not joined): the batcher then leaves the joining, or copying, to the handler
+    takes_rows: bool = False
 
     @classmethod
     def probe(cls, model_dir: Path) -> Artifact | None:

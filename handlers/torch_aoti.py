@@ -147,6 +147,7 @@ class AotiHandler(Handler):
         self.concurrent_batches = self.runner.concurrency
         self.pipelined = self.runner.pipelined
         self.launch_depth = self.runner.depth
+        self.takes_rows = self.runner.takes_rows
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch after checking it matches the compiled shapes."""

@@ -14,8 +14,9 @@ from functools import partial
 
 import numpy as np
 
+from handlers.cuda_inputs import Lane, device_inputs
 from serving.errors import BadRequest, ConfigError, InsufficientMemory
-from serving.types import Device, ModelConfig, Tensors
+from serving.types import Device, ModelConfig, Rows, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -78,31 +79,14 @@ def _names_for(out) -> list[str]:
     return output_names(len(flatten_outputs(out)))
 
 
-class _Lane:
-    """What one batch in flight owns on a GPU: a stream, pinned staging buffers, captured graphs.
-
-    A lane is used by one batch at a time, so its pinned buffers are never overwritten while a
-    non-blocking copy still reads them, and its graphs' static buffers never hold two batches.
-    """
-
-    __slots__ = ("stream", "staging", "graphs", "pool", "done", "spun")
-
-    def __init__(self, stream, pool, done, spun=None):
-        self.stream = stream  # None: the device's current stream (one lane, the old behaviour)
-        self.staging: dict[tuple, object] = {}
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = pool  # the memory pool this lane's graphs share (they never replay at once)
-        self.done = done  # a blocking-sync CUDA event: waiting on it sleeps instead of spinning
-        # a spinning event, for a lane whose stream may hold the next batch too (a twin's)
-        self.spun = spun
-
-
 class TorchRunner:
     """Runs a torch callable on one device: numpy in, float32/native numpy out.
 
-    On CUDA, inputs go through pinned staging buffers with non-blocking copies and one
-    synchronisation per batch (see :meth:`_wait`); with ``config.cuda_graphs`` each batch size in ``graph_sizes``
-    is captured once and replayed. A CUDA out-of-memory error becomes ``InsufficientMemory``.
+    On CUDA, inputs are copied to the device on a copy stream (handlers.cuda_inputs: straight from
+    registered memory, else through pinned staging buffers), with one synchronisation per batch
+    (see :meth:`_wait`); with ``config.cuda_graphs`` each batch size in ``graph_sizes`` is captured
+    once and replayed. A CUDA out-of-memory error becomes ``InsufficientMemory``. On CUDA a batch
+    may come as :class:`~serving.types.Rows` (``takes_rows``): its parts are copied one by one.
 
     ``config.concurrent_batches`` batches may run at once (the batcher's worker threads): on
     CUDA each takes a lane of its own (stream, staging, graphs), so one batch's host-side work
@@ -139,8 +123,10 @@ class TorchRunner:
         self.sync = config.cuda_sync
         # launch() returns before the GPU is done: the batcher answers a batch while the next runs
         self.pipelined = self.cuda and config.pipeline
+        # the batcher may hand a batch over as Rows, its requests' rows not joined
+        self.takes_rows = self.cuda
         lanes = [
-            _Lane(
+            Lane(
                 torch.cuda.Stream(self.device) if self.concurrency > 1 else None,
                 torch.cuda.graph_pool_handle(),
                 torch.cuda.Event(blocking=True),
@@ -154,11 +140,13 @@ class TorchRunner:
         # writes staging that a queued copy has still to read.
         self.depth = 2 if self.pipelined and len(lanes) == 1 and config.pipeline_depth > 1 else 1
         if self.depth > 1:
-            twin = _Lane(None, lanes[0].pool, torch.cuda.Event(blocking=True), torch.cuda.Event())
+            twin = Lane(None, lanes[0].pool, torch.cuda.Event(blocking=True), spun=torch.cuda.Event())
             twin.graphs = lanes[0].graphs
             lanes[0].spun = torch.cuda.Event()
             lanes.append(twin)
-        self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+            for lane in lanes:  # each copies its next batch in while the other's runs
+                lane.copy_stream, lane.copied = torch.cuda.Stream(self.device), torch.cuda.Event()
+        self._lanes: queue.SimpleQueue[Lane] = queue.SimpleQueue()
         for lane in lanes:
             self._lanes.put(lane)
         self._all_lanes = lanes
@@ -196,7 +184,11 @@ class TorchRunner:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise BadRequest(f"missing input(s) {missing}; the model takes {self.input_names}")
-        return [np.ascontiguousarray(inputs[n]) for n in self.input_names]
+        # Rows stay unjoined on CUDA (their parts are copied one by one); elsewhere they join here
+        return [
+            inputs[n] if self.cuda and isinstance(inputs[n], Rows) else np.ascontiguousarray(inputs[n])
+            for n in self.input_names
+        ]
 
     def _launch_cuda(self, arrays: list[np.ndarray]) -> Callable[[], Tensors]:
         """Copies in, the model (a graph replay or eager) and copies out, queued on a lane's stream."""
@@ -219,13 +211,20 @@ class TorchRunner:
             self._launches += 1
             try:
                 with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
+                    staging = partial(self._staging, lane)
                     if graphed:
                         static_in, outs, graph, names = lane.graphs[key]
-                        for i, a in enumerate(arrays):  # pinned staging straight into the captured input
-                            static_in[i].copy_(self._staged(lane, a, i), non_blocking=True)
+                        if lane.copy_stream is None:  # straight into the graph's inputs
+                            device_inputs(lane, arrays, self.device, staging, into=static_in)
+                        else:  # a twin's own buffers, then into the graph's inputs on the device
+                            inputs = device_inputs(lane, arrays, self.device, staging)
+                            for target, source in zip(static_in, inputs, strict=True):
+                                target.copy_(source)
                         graph.replay()
                     else:
-                        out = self.fn(*[self._to_device(lane, a, i) for i, a in enumerate(arrays)])
+                        out = self.fn(
+                            *[self._cast(t) for t in device_inputs(lane, arrays, self.device, staging)]
+                        )
                         outs, names = flatten_outputs(out), _names_for(out)
                     host = [t.to("cpu", non_blocking=True) for t in outs]
                     stream = torch.cuda.current_stream(self.device)  # the lane's
@@ -237,7 +236,7 @@ class TorchRunner:
                 raise
         return partial(self._collect, lane, stream, host, names, rows)
 
-    def _collect(self, lane: _Lane, stream, host: list, names: list[str], rows: int) -> Tensors:
+    def _collect(self, lane: Lane, stream, host: list, names: list[str], rows: int) -> Tensors:
         """Wait for a launched batch, then its outputs as numpy; the lane is free again after."""
         import torch
 
@@ -258,7 +257,7 @@ class TorchRunner:
                 for lane in lanes:
                     if key not in lane.graphs:
                         lane.graphs[key] = self._capture(
-                            lane, [self._to_device(lane, a, i) for i, a in enumerate(arrays)]
+                            lane, [self._to_device(lane, np.asarray(a), i) for i, a in enumerate(arrays)]
                         )
                 self._captured.add(key)
             finally:
@@ -279,7 +278,7 @@ class TorchRunner:
         slot = self.input_names.index(name)
         return self._staging(lane, slot, tuple(shape), np.dtype(dtype)).numpy()
 
-    def _staging(self, lane: _Lane, slot: int, shape: tuple[int, ...], dtype: np.dtype):
+    def _staging(self, lane: Lane, slot: int, shape: tuple[int, ...], dtype: np.dtype):
         """The lane's pinned host buffer for this input slot, shape and dtype (made once)."""
         import torch
 
@@ -290,7 +289,7 @@ class TorchRunner:
             buf = lane.staging[key] = torch.empty(shape, dtype=torch_dtype, pin_memory=True)
         return buf
 
-    def _staged(self, lane: _Lane, array: np.ndarray, slot: int):
+    def _staged(self, lane: Lane, array: np.ndarray, slot: int):
         """``array`` in the lane's pinned host buffer for this slot: copied there unless built there."""
         import torch
 
@@ -299,7 +298,7 @@ class TorchRunner:
             buf.copy_(torch.from_numpy(array))
         return buf
 
-    def _to_device(self, lane: _Lane, array: np.ndarray, slot: int):
+    def _to_device(self, lane: Lane, array: np.ndarray, slot: int):
         return self._cast(self._staged(lane, array, slot).to(self.device, non_blocking=True))
 
     def _cast(self, tensor):
@@ -319,7 +318,7 @@ class TorchRunner:
             out[name] = t.numpy().copy() if self.cuda else t.numpy()
         return out
 
-    def _wait(self, lane: _Lane, stream, rows: int) -> None:
+    def _wait(self, lane: Lane, stream, rows: int) -> None:
         """Wait for the lane's batch: spinning on its stream, or sleeping on a blocking-sync event.
 
         CUDA's default wait spins a core for the whole batch (the driver spins while a process
@@ -336,7 +335,7 @@ class TorchRunner:
         else:
             lane.done.synchronize()
 
-    def _capture(self, lane: _Lane, static_in: list):
+    def _capture(self, lane: Lane, static_in: list):
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""
         graph, out = capture_graph(self.fn, static_in, self.device, pool=lane.pool)
         log.info("captured a CUDA graph for input shapes %s", [tuple(t.shape) for t in static_in])

@@ -101,6 +101,7 @@ class TorchExportHandler(Handler):
         self.concurrent_batches = self.runner.concurrency
         self.pipelined = self.runner.pipelined
         self.launch_depth = self.runner.depth
+        self.takes_rows = self.runner.takes_rows
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run the program on one batch (its guards reject shapes it was not exported for)."""

@@ -44,6 +44,7 @@ class TorchScriptHandler(Handler):
         self.concurrent_batches = self.runner.concurrency
         self.pipelined = self.runner.pipelined
         self.launch_depth = self.runner.depth
+        self.takes_rows = self.runner.takes_rows
         outputs = declared_specs(config, "outputs")
         if outputs is None and declared:
             outputs = outputs_from_sample(self.runner, signature)

@@ -59,6 +59,9 @@ class Settings:
     cuda_visible_devices: str | None = None
     install_requirements: bool = True
     ipc_shm_min_bytes: int = 64 * 1024  # request tensors from this size go by shared memory (0: never)
+    # a CUDA host registers the frontends' shared regions, and copies requests from them to the
+    # device (handlers.host_memory)
+    ipc_pin: bool = True
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     @property
@@ -113,6 +116,7 @@ class Settings:
             cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES", str, None),
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
             ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
+            ipc_pin=env.get("ONEBOX_IPC_PIN", _bool, True),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
             frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),

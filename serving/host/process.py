@@ -41,6 +41,8 @@ class Host:
         self._batch_times: dict[str, list[float]] = {}
         # per model: calls that said when they were sent, and seconds summed from then to here
         self._arrivals: dict[str, list] = {}
+        # the frontends' shared regions registered with CUDA (handlers.host_memory), on a GPU host
+        self.pinned = None
 
     def _count_batch(self, model: str, stats: BatchStats) -> None:
         totals = self._batch_totals.setdefault(model, [0, 0, 0, 0])
@@ -109,7 +111,10 @@ class Host:
             ready = bool(models) and all(m["state"] == State.READY.value for m in models)
             return {"ready": ready, "device": self.device.name, "models": models}, []
         if op == "stats":
-            return {"models": self.batch_stats()}, []
+            reply: dict = {"models": self.batch_stats()}
+            if self.pinned is not None:  # how many frontend regions the device copies from
+                reply["pinned"] = {"regions": self.pinned.count, "failures": self.pinned.failures}
+            return reply, []
         if op == "load":
             model = self.registry.load(header["model"], Path(header["path"]))
             return model.describe(), []
@@ -172,6 +177,17 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
     return {"outputs": specs, "replied": time.time()}, out
 
 
+def _pinning(host: Host):
+    """What registers the frontends' shared regions with CUDA on a GPU host (None elsewhere)."""
+    if host.device.kind != "cuda" or not host.settings.ipc_pin:
+        return None
+    from handlers.host_memory import REGIONS
+
+    REGIONS.enable(host.device.index or 0)
+    host.pinned = REGIONS
+    return REGIONS.pin
+
+
 def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> int:
     """Entry point of a host process; returns its exit code."""
     settings = Settings.from_env()
@@ -182,7 +198,7 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     # default 5 ms so a woken thread does not queue behind a busy one (batch formation, copies)
     sys.setswitchinterval(0.0005)
     host = Host(settings, Device.parse(device))
-    server = IPCServer(socket_path, host.dispatch, host.dispatch_nowait)
+    server = IPCServer(socket_path, host.dispatch, host.dispatch_nowait, on_region=_pinning(host))
     stop = threading.Event()
 
     def on_term(signum, frame):  # the launcher stops hosts after the frontends have drained

@@ -149,6 +149,7 @@ class ModelRegistry:
             depth=handler.launch_depth,
             # opt-in: 4 threads sped one H200 host's copies up 1.5x, but slowed 3 hosts (the GIL)
             copy_threads=config.copy_threads or 1,
+            gather=handler.takes_rows,
         )
         model.batcher.wait_warm()
 

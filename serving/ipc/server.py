@@ -16,6 +16,7 @@ replies being sent; the H100 served 2.3-2.8k img/s with the GPU 20% busy and the
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import socket
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 Dispatch = Callable[[dict, list], "tuple[dict, list] | Pending"]
 #: answers a message without blocking (a Pending), or None when it must go to a worker thread
 NoWait = Callable[[dict, list], "Pending | None"]
+#: told of each shared region the host maps; returns what to call once no message reads it any
+#: more (its connection closed, or a larger region replaced it), or None
+OnRegion = Callable[[mmap.mmap], "Callable[[], None] | None"]
 
 #: how long a reply may wait for room in a frontend's socket before the connection is dropped
 SEND_TIMEOUT_S = 60.0
@@ -54,12 +58,22 @@ class IPCServer:
 
     ``nowait(header, buffers)``, when given, is tried first on the I/O thread; it returns a
     :class:`Pending` or None, and must never block. Everything else runs on worker threads.
+    ``on_region(mapping)`` is told of each frontend region mapped (a CUDA host registers it:
+    handlers.host_memory); the function it returns is called once no message reads it any more.
     """
 
-    def __init__(self, path: str, dispatch: Dispatch, nowait: NoWait | None = None, workers: int = 1024):
+    def __init__(
+        self,
+        path: str,
+        dispatch: Dispatch,
+        nowait: NoWait | None = None,
+        workers: int = 1024,
+        on_region: OnRegion | None = None,
+    ):
         self.path = path
         self.dispatch = dispatch
         self.nowait = nowait
+        self.on_region = on_region
         if os.path.exists(path):
             os.unlink(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,7 +125,7 @@ class IPCServer:
         # for room in the socket, up to SEND_TIMEOUT_S
         conn.settimeout(SEND_TIMEOUT_S)
         fd = tune(conn).fileno()
-        links[fd] = (_Link(conn), FrameReader())
+        links[fd] = (_Link(conn, self.on_region), FrameReader())
         poller.register(fd, select.EPOLLIN)
 
     def _on_readable(
@@ -195,12 +209,14 @@ class Pending:
 class _Link:
     """One frontend connection; replies are sent by whichever thread finishes the work."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, on_region: OnRegion | None = None):
         self.sock = sock
         self._lock = threading.Lock()
         self._pending = False
         self._closing = False
         self._region = None  # the frontend's shared memory (protocol.SharedRegion), mapped
+        self._on_region = on_region
+        self._release: Callable[[], None] | None = None  # what on_region returned for _region
 
     def resolve(self, header: dict, buffers: list, reader: FrameReader) -> tuple[dict, list]:
         """The message with its buffers: from the socket, or views of the connection's region."""
@@ -209,6 +225,14 @@ class _Link:
             for extra in fds[:-1]:
                 os.close(extra)
             self._region = map_region(fds[-1])
+            # the previous message's reply was sent before this one came: nothing reads the old
+            # region any more
+            self._release_region()
+            if self._on_region is not None:
+                try:
+                    self._release = self._on_region(self._region)
+                except Exception:  # the region is read as it is, unregistered
+                    log.exception("registering a shared region failed")
         if "shm" in header:
             buffers = region_buffers(self._region, header.pop("shm"))
         return header, buffers
@@ -233,6 +257,7 @@ class _Link:
                 self.send(*answer)
                 return
         self.sock.close()
+        self._release_region()
 
     def send_when_done(self, pending: Pending, op: str | None) -> None:
         # the frontend sends its next message only after this reply, so one is pending at most
@@ -254,6 +279,15 @@ class _Link:
             if self._pending:
                 return
         self.sock.close()
+        self._release_region()
+
+    def _release_region(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            try:
+                release()
+            except Exception:  # the region stays registered: a leak, never a crash
+                log.exception("releasing a shared region failed")
 
 
 def _failure(exc: Exception, op: str | None) -> tuple[dict, list]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from serving.ipc.protocol import (
     send_message,
     shm_supported,
 )
-from serving.ipc.server import IPCServer
+from serving.ipc.server import IPCServer, Pending
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="needs Linux memfd_create and SCM_RIGHTS")
 
@@ -170,3 +171,89 @@ def test_joined_parts_arrive_as_one_buffer_in_order(host, shm_min_bytes):
     assert got["sum"][0] == whole.astype(np.int64).sum()
     np.testing.assert_array_equal(got["first"], whole.reshape(-1)[:8])
     assert seen == ["shm" if shm_min_bytes else "socket"]
+
+
+@pytest.fixture
+def observed_host(tmp_path):
+    """A host that tells ``on_region`` of each mapped region and records when each is released;
+    a ``slow`` call is answered (by a Pending) only when the test sets ``finish``."""
+    events: list[tuple[str, int]] = []
+    mapped: list = []
+    finish = threading.Event()
+
+    def on_region(region):
+        number = len(mapped)
+        mapped.append(region)
+        events.append(("mapped", number))
+        return lambda: events.append(("released", number))
+
+    def dispatch(header, buffers):
+        x = decode_tensors(header["inputs"], buffers)["x"]
+        total = int(x.astype(np.int64).sum())
+        if header["op"] == "slow":
+            future = Future()
+            threading.Thread(target=lambda: (finish.wait(10), future.set_result(total)), daemon=True).start()
+            return Pending(
+                future, lambda t: ({"outputs": encode_tensors({"sum": np.array([t])})[0]}, [np.array([t])])
+            )
+        specs, out = encode_tensors({"sum": np.array([total])})
+        return {"outputs": specs}, out
+
+    path = str(tmp_path / "host.sock")
+    server = IPCServer(path, dispatch, on_region=on_region)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield path, events, mapped, finish
+    server.close()
+
+
+def _eventually(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_the_host_is_told_of_each_region_and_of_the_end_of_its_use(observed_host):
+    path, events, mapped, _ = observed_host
+    client = HostClient(path)
+    for shape in (BIG, BIG, (8, 3, 224, 224)):  # the second call reuses the region, the third outgrows it
+        x = image(len(shape), shape)
+        assert ask(client, x)["sum"][0] == x.astype(np.int64).sum()
+    assert events == [("mapped", 0), ("released", 0), ("mapped", 1)]
+    assert isinstance(mapped[0], mmap.mmap) and len(mapped[1]) > len(mapped[0])
+    client.close()  # the connection goes: its region with it
+    assert _eventually(lambda: ("released", 1) in events)
+    small = image(0, (1, 4))  # through the socket: no region at all
+    assert ask(HostClient(path), small)["sum"][0] == small.astype(np.int64).sum()
+    assert len(mapped) == 2
+
+
+def test_a_region_is_released_only_after_the_reply_its_connection_still_owes(observed_host):
+    path, events, _, finish = observed_host
+    client = HostClient(path)
+    x = image(4)
+    with pytest.raises(DeadlineExceeded):  # the client gives up and drops its connection
+        ask(client, x, op="slow", timeout=0.2)
+    time.sleep(0.2)
+    assert events == [("mapped", 0)]  # the host is still working on a call that reads it
+    finish.set()
+    assert _eventually(lambda: events == [("mapped", 0), ("released", 0)])
+
+
+def test_a_failing_region_hook_leaves_the_call_to_be_answered(tmp_path):
+    def on_region(region):
+        raise RuntimeError("driver refused")
+
+    def dispatch(header, buffers):
+        x = decode_tensors(header["inputs"], buffers)["x"]
+        specs, out = encode_tensors({"sum": np.array([x.astype(np.int64).sum()])})
+        return {"outputs": specs}, out
+
+    path = str(tmp_path / "host.sock")
+    server = IPCServer(path, dispatch, on_region=on_region)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        x = image(5)
+        assert ask(HostClient(path), x)["sum"][0] == x.astype(np.int64).sum()
+    finally:
+        server.close()

@@ -1,0 +1,155 @@
+"""Batches copied to the GPU part by part, from registered shared regions (run on a GPU host).
+
+On a CUDA host the batcher hands the runner a batch's requests unjoined (Rows); each part that
+lies in a region registered with CUDA is copied from there by the copy engine, the others
+through pinned staging. These tests put requests in real memfd regions mapped read-only, as the
+host maps a frontend's, and check every request still gets its own answer.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from handlers.host_memory import REGIONS, PinnedRegions
+from serving.types import ModelConfig, Rows
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and a CUDA build of torch"),
+]
+
+from tests.handlers.test_torch_gpu import Deep, cpu_reference, loaded  # noqa: E402
+
+
+def in_region(arrays: list[np.ndarray]) -> tuple[mmap.mmap, list[np.ndarray]]:
+    """A memfd holding ``arrays`` (64-byte aligned), mapped read-only, and views of them there."""
+    offsets, end = [], 0
+    for a in arrays:
+        offsets.append(end)
+        end += -(-a.nbytes // 64) * 64
+    fd = os.memfd_create("test-region")
+    try:
+        os.ftruncate(fd, max(end, 4096))
+        with mmap.mmap(fd, max(end, 4096)) as writer:
+            for a, offset in zip(arrays, offsets, strict=True):
+                writer[offset : offset + a.nbytes] = a.tobytes()
+        region = mmap.mmap(fd, max(end, 4096), prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    views = [
+        np.frombuffer(region, a.dtype, a.size, offset).reshape(a.shape)
+        for a, offset in zip(arrays, offsets, strict=True)
+    ]
+    return region, views
+
+
+@pytest.fixture
+def regions():
+    torch.cuda.init()
+    REGIONS.enable(0)
+    retirements = []
+    yield lambda region: retirements.append(REGIONS.pin(region)) or retirements[-1]
+    for retire in retirements:
+        if retire is not None:
+            retire()
+
+
+def test_a_registered_region_is_page_locked_until_it_is_retired():
+    torch.cuda.init()
+    table = PinnedRegions()
+    table.enable(0)
+    region, (view,) = in_region([np.arange(1 << 16, dtype=np.uint8)])
+    retire = table.pin(region)
+    assert retire is not None, "the driver refused to register a read-only shared mapping"
+    assert torch.from_numpy(view).is_pinned()
+    with table.holding() as covers:
+        assert covers(view)
+    retire()
+    deadline = time.time() + 10
+    while torch.from_numpy(view).is_pinned() and time.time() < deadline:
+        time.sleep(0.01)
+    assert not torch.from_numpy(view).is_pinned()
+    with table.holding() as covers:
+        assert not covers(view)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(tmp_path, regions, graphs):
+    model = Deep(64, 4).eval()
+    torch.jit.script(model).save(str(tmp_path / "deep.pt"))
+    config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
+    handler = loaded(tmp_path / "deep.pt", config)
+    assert handler.takes_rows
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((n, 64)).astype(np.float32) for n in (2, 1, 3)]
+    region, views = in_region(xs[:2])
+    assert regions(region) is not None
+    for parts in ([views[0], views[1], xs[2]], [xs[2], views[1]], [views[0]], [xs[0], xs[1]]):
+        rows = sum(len(p) for p in parts)
+        batch = Rows(parts, 8 if graphs else rows)  # padded up to the captured size
+        out = handler.launch({"x": batch})()["output"]
+        joined = np.concatenate(parts)
+        assert out.shape[0] == len(batch)
+        np.testing.assert_allclose(out[:rows], cpu_reference(model, joined), atol=2e-3)
+        # padding repeats the last real row
+        np.testing.assert_allclose(
+            out[rows:], np.repeat(out[rows - 1 : rows], len(batch) - rows, 0), atol=1e-5
+        )
+    handler.unload()
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, regions, graphs, depth):
+    # as the host runs on a GPU: requests arrive in registered regions (every other one in plain
+    # memory), batch N+1's copies run on a copy stream while N computes (depth 2: in the twin
+    # lane), so a device buffer or graph input reused too early would mix requests up
+    from serving.batching import Batcher, BatchPolicy
+
+    model = Deep(256, 20).eval()
+    torch.jit.script(model).save(str(tmp_path / "deep.pt"))
+    sizes = (1, 2, 4, 8, 16, 32)
+    config = ModelConfig(cuda_graphs=graphs, batch_sizes=sizes if graphs else (), pipeline_depth=depth)
+    handler = loaded(tmp_path / "deep.pt", config)
+    launches = []
+
+    def launch(inputs):
+        launches.append(type(inputs["x"]).__name__)
+        return handler.launch(inputs)
+
+    policy = BatchPolicy(max_batch_size=32, batch_sizes=sizes if graphs else (), max_queue=4096)
+    batcher = Batcher(handler.predict, policy, launch=launch, depth=depth, gather=handler.takes_rows)
+    plain = [
+        np.random.default_rng(seed).standard_normal((1 + seed % 3, 256)).astype(np.float32)
+        for seed in range(600)
+    ]
+    region, views = in_region(plain[::2])
+    assert regions(region) is not None
+    xs = [views[i // 2] if i % 2 == 0 else x for i, x in enumerate(plain)]
+    futures = [None] * len(xs)
+
+    def submit(start):
+        for i in range(start, len(xs), 8):
+            futures[i] = batcher.submit({"x": xs[i]}, time.time() + 60)
+            if i % 5 == 0:
+                futures[i].result(60)  # closed-loop callers among open-loop ones: batches of every size
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        for x, future in zip(plain, futures, strict=True):
+            np.testing.assert_allclose(future.result(60)["output"], cpu_reference(model, x), atol=2e-3)
+    finally:
+        batcher.close()
+    assert "Rows" in launches and len(launches) < len(xs)  # batched, and handed over unjoined
+    handler.unload()
