@@ -55,7 +55,13 @@ def regions():
     torch.cuda.init()
     REGIONS.enable(0)
     retirements = []
-    yield lambda region: retirements.append(REGIONS.pin(region)) or retirements[-1]
+
+    def pin(region):
+        retirements.append(REGIONS.pin(region))
+        assert REGIONS.flush(10)  # registered on the table's own thread
+        return retirements[-1]
+
+    yield pin
     for retire in retirements:
         if retire is not None:
             retire()
@@ -67,7 +73,8 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
     table.enable(0)
     region, (view,) = in_region([np.arange(1 << 16, dtype=np.uint8)])
     retire = table.pin(region)
-    assert retire is not None, "the driver refused to register a read-only shared mapping"
+    assert retire is not None and table.flush(10)
+    assert table.failures == 0, "the driver refused to register a read-only shared mapping"
     assert torch.from_numpy(view).is_pinned()
     with table.holding() as covers:
         assert covers(view)

@@ -1,7 +1,8 @@
 """The table of memory registered with CUDA, and the order in which a region is retired.
 
-Registration itself is CUDA's (tests/handlers/test_torch_gpu.py registers real regions); here
-the CUDA calls are recorded fakes, so the bookkeeping is checked on any machine.
+Registration itself is CUDA's (tests/handlers/test_cuda_rows.py registers real regions); here
+the CUDA calls are recorded fakes, so the bookkeeping is checked on any machine. Registration
+runs on the table's own thread: a test waits for it (``pinned``) before it looks.
 """
 
 from __future__ import annotations
@@ -53,11 +54,18 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def pinned(table: PinnedRegions, region):
+    """Pin ``region`` and wait until the registrar thread has dealt with it."""
+    retire = table.pin(region)
+    assert table.flush(5)
+    return retire
+
+
 def test_arrays_inside_a_registered_region_are_covered_and_others_are_not():
     cuda = FakeCuda()
     table = regions(cuda)
     region = mmap.mmap(-1, 1 << 16)
-    assert table.pin(region) is not None
+    assert pinned(table, region) is not None
     assert cuda.calls == [("register", address(region), 1 << 16)]
     inside = np.frombuffer(region, np.uint8, count=4096, offset=1024).reshape(4, 1024)
     whole = np.frombuffer(region, np.uint8)
@@ -73,7 +81,7 @@ def test_an_array_running_past_the_end_of_a_region_is_not_covered():
     backing = mmap.mmap(-1, 1 << 16)
     # register only the first half of a mapping; an array over the boundary is not covered
     first = memoryview(backing)[: 1 << 15]
-    table.pin(first)
+    pinned(table, first)
     across = np.frombuffer(backing, np.uint8, count=1024, offset=(1 << 15) - 512)
     below = np.frombuffer(backing, np.uint8, count=1024, offset=0)
     with table.holding() as covers:
@@ -88,7 +96,8 @@ def test_nothing_is_registered_when_disabled_or_refused():
     refused = FakeCuda(refuse=True)
     table = regions(refused)
     region = mmap.mmap(-1, 4096)
-    assert table.pin(region) is None and table.failures == 1
+    pinned(table, region)
+    assert table.failures == 1 and table.count == 0
     with table.holding() as covers:
         assert not covers(np.frombuffer(region, np.uint8))
 
@@ -110,7 +119,7 @@ def test_a_retired_region_leaves_the_table_then_the_device_is_waited_for_then_it
     region = mmap.mmap(-1, 8192)
     start = address(region)
     view = np.frombuffer(region, np.uint8)
-    retire = table.pin(region)
+    retire = pinned(table, region)
     with table.holding() as covers:
         assert covers(view)
         # the I/O thread retires it while a runner holds the table: the retirement waits
@@ -136,7 +145,42 @@ def test_a_failed_wait_for_the_device_keeps_the_region_registered():
     table = PinnedRegions(cuda.register, cuda.unregister, broken)
     table.enable(0)
     region = mmap.mmap(-1, 4096)
-    table.pin(region)()
+    pinned(table, region)()
     wait_for(lambda: ("synchronize",) in cuda.calls)
     time.sleep(0.05)
     assert [c[0] for c in cuda.calls] == ["register", "synchronize"]
+
+
+def test_registration_waits_while_a_cuda_graph_is_captured():
+    # cudaHostRegister from another thread during a capture invalidates the capture (error 900)
+    cuda = FakeCuda()
+    table = regions(cuda)
+    region = mmap.mmap(-1, 8192)
+    with table.capturing():
+        retire = table.pin(region)
+        time.sleep(0.1)
+        assert cuda.calls == []  # asked for, not done: its rows are staged meanwhile
+        with table.holding() as covers:
+            assert not covers(np.frombuffer(region, np.uint8))
+    wait_for(lambda: table.count == 1)
+    assert cuda.calls == [("register", address(region), 8192)]
+    with table.capturing():
+        retire()
+        time.sleep(0.1)
+        assert table.count == 0  # out of the table at once: no copy from it is queued
+        assert [c[0] for c in cuda.calls] == ["register"]  # but no synchronise mid-capture
+    wait_for(lambda: ("unregister", address(region)) in cuda.calls)
+    assert [c[0] for c in cuda.calls] == ["register", "synchronize", "unregister"]
+
+
+def test_a_region_retired_before_its_registration_ran_is_never_registered():
+    cuda = FakeCuda()
+    table = regions(cuda)
+    first, second = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
+    with table.capturing():
+        table.pin(first)()  # a connection that came and went during a capture
+        table.pin(second)
+    assert table.flush(5)
+    assert cuda.calls == [("register", address(second), 4096)]
+    with table.holding() as covers:
+        assert covers(np.frombuffer(second, np.uint8)) and not covers(np.frombuffer(first, np.uint8))
