@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import zipfile
 from collections.abc import Callable
@@ -11,14 +12,20 @@ import numpy as np
 
 from handlers import aoti_nogil, elf
 from handlers.base import Handler, batch_signature
-from handlers.torch_common import PRECISIONS, TorchRunner, check_batch, output_names, release_cuda_memory
+from handlers.torch_common import PRECISIONS, TorchRunner, output_names, release_cuda_memory
+from handlers.torch_signature import check_batch, declared_specs
 from serving.errors import ConfigError, ServingError
 from serving.types import Artifact, Device, ModelConfig, Signature, Tensors, TensorSpec
+
+log = logging.getLogger(__name__)
 
 _INPUT_NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
 _OUTPUT_NAME = re.compile(r'outputs_info_\[(\d+)\]\.name = "(\w+)";')
 _DTYPE = re.compile(r"(\w+)_expected_dtype = aoti_torch_dtype_(\w+)\(\);")
 _SIZES = re.compile(r"assert_size_stride\((\w+), \{([^}]*)\}")
+# the wrapper's input checks test each dimension: a literal one for equality, a free one's range
+_SIZE_TEST = re.compile(r"if \((?:\d+ != )?(\w+)_size\[(\d+)\]")
+_SIZE_CHECK = re.compile(r"if \((\d+) != (\w+)_size\[(\d+)\]\)")
 
 
 # std::locale::classic(): defined only by libstdc++ itself, so a wrapper that defines it carries a copy
@@ -58,19 +65,48 @@ def check_runtime_linkage(path: Path) -> None:
                 )
 
 
-def read_wrapper_signature(path: Path) -> Signature:
-    """Input dtypes and shapes from the generated ``*.wrapper.cpp`` (nothing is executed).
+def read_wrapper_signature(path: Path, declared=None) -> tuple[Signature, list[str]]:
+    """Input dtypes and shapes from the generated ``*.wrapper.cpp`` (nothing is executed), and the
+    names of the inputs whose shape it does not give.
 
+    A shape is read from the wrapper's ``assert_size_stride`` on the input, else from its input
+    checks (``if (3 != arg0_1_size[1])``: literal dimensions; the highest index read: the rank).
     A literal leading dimension means the package was compiled for exactly that batch size.
+    ``declared`` (onebox.toml's ``[[inputs]]``, in argument order) names the inputs and fills in
+    what the wrapper leaves free; a dtype or rank that contradicts the wrapper is refused.
     """
     with zipfile.ZipFile(path) as z:
         name = next(n for n in z.namelist() if n.endswith(".wrapper.cpp"))
         text = z.read(name).decode("utf-8", "replace")
     args = [a for _, a in sorted((int(i), a) for i, a in _INPUT_NAME.findall(text))]
     dtypes = dict(_DTYPE.findall(text))
-    sizes = {}
+    asserted, checked = _wrapper_shapes(text)
+    if declared is not None and len(declared) != len(args):
+        raise ConfigError(
+            f"onebox.toml declares {len(declared)} input(s); this AOTInductor package takes {len(args)}"
+        )
+    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    inputs, unknown = [], []
+    for i, arg in enumerate(args):
+        shape = asserted.get(arg) or checked.get(arg)
+        spec = TensorSpec(names[i], dtypes.get(arg, "float32"), shape or (-1,))
+        if declared is not None:  # checked against the asserted shape only: the other is inferred
+            spec = _with_declared(spec, declared[i], arg in asserted)
+        elif shape is None:
+            unknown.append(spec.name)
+        inputs.append(spec)
+    outputs = tuple(
+        TensorSpec(n, "float32", (-1,)) for n in output_names(len(_OUTPUT_NAME.findall(text)) or 1)
+    )
+    return batch_signature(tuple(inputs), outputs), unknown
+
+
+def _wrapper_shapes(text: str) -> tuple[dict, dict]:
+    """Each input's dimensions as the wrapper states them (literal ones as ints, free ones as -1):
+    from its ``assert_size_stride`` calls, and as its input checks imply them."""
+    asserted: dict[str, tuple[int, ...]] = {}
     for arg, dims in _SIZES.findall(text):
-        sizes.setdefault(
+        asserted.setdefault(
             arg,
             tuple(
                 int(d[:-1]) if re.fullmatch(r"\d+L", d) else -1
@@ -78,14 +114,32 @@ def read_wrapper_signature(path: Path) -> Signature:
                 if d
             ),
         )
-    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    inputs = tuple(
-        TensorSpec(n, dtypes.get(a, "float32"), sizes.get(a, (-1,))) for n, a in zip(names, args, strict=True)
-    )
-    outputs = tuple(
-        TensorSpec(n, "float32", (-1,)) for n in output_names(len(_OUTPUT_NAME.findall(text)) or 1)
-    )
-    return batch_signature(inputs, outputs)
+    ranks: dict[str, int] = {}
+    for arg, index in _SIZE_TEST.findall(text):
+        ranks[arg] = max(ranks.get(arg, 0), int(index) + 1)
+    literal = {(arg, int(index)): int(value) for value, arg, index in _SIZE_CHECK.findall(text)}
+    checked = {arg: tuple(literal.get((arg, i), -1) for i in range(rank)) for arg, rank in ranks.items()}
+    return asserted, checked
+
+
+def _with_declared(spec: TensorSpec, declared: TensorSpec, known: bool) -> TensorSpec:
+    """The wrapper's ``spec`` named and completed by onebox.toml's declaration of it."""
+    if np.dtype(declared.dtype) != np.dtype(spec.dtype):
+        raise ConfigError(
+            f"onebox.toml declares input {declared.name!r} as {declared.dtype}; this AOTInductor "
+            f"package was compiled for {spec.dtype}"
+        )
+    if not known:
+        return TensorSpec(declared.name, spec.dtype, declared.shape)
+    if len(declared.shape) != len(spec.shape) or any(
+        -1 not in (d, w) and d != w for d, w in zip(declared.shape, spec.shape, strict=True)
+    ):
+        raise ConfigError(
+            f"onebox.toml declares input {declared.name!r} with shape {list(declared.shape)}; this "
+            f"AOTInductor package was compiled for {list(spec.shape)}"
+        )
+    shape = tuple(w if w != -1 else d for d, w in zip(declared.shape, spec.shape, strict=True))
+    return TensorSpec(declared.name, spec.dtype, shape)
 
 
 class AotiHandler(Handler):
@@ -104,7 +158,15 @@ class AotiHandler(Handler):
                 f"cannot run on {device.name}. Recompile it on a {device.kind} host, or serve it "
                 f"on a {compiled_for} device"
             )
-        self.signature = read_wrapper_signature(artifact.path)
+        self.signature, unknown = read_wrapper_signature(artifact.path, declared_specs(config))
+        self._shapes_known = not unknown
+        if unknown:
+            log.warning(
+                "the shapes of input(s) %s are not in this AOTInductor package's wrapper: no "
+                "warm-up (declare them in onebox.toml's [[inputs]] to have every batch size "
+                "warmed, and graphed, before /ping turns 200)",
+                unknown,
+            )
         floats = {s.dtype for s in self.signature.inputs if s.dtype.startswith(("float", "bfloat"))}
         if config.precision and {PRECISIONS.get(config.precision)} != floats:
             compiled = f"for {sorted(floats)} inputs" if floats else "with no floating-point inputs"
@@ -148,6 +210,12 @@ class AotiHandler(Handler):
         self.pipelined = self.runner.pipelined
         self.launch_depth = self.runner.depth
         self.takes_rows = self.runner.takes_rows
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Warm up only when every input's shape is known (random inputs of a guessed rank would
+        run, wrongly, and graphs would be captured for shapes no request has)."""
+        if self._shapes_known:
+            super().warmup(batch_sizes)
 
     def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch after checking it matches the compiled shapes."""

@@ -170,9 +170,40 @@ def test_aoti_cuda_graphs_of_a_dynamic_batch_need_batch_sizes(aoti_package, monk
 
     art = detect(aoti_package.parent)
     as_cuda = dataclasses.replace(art, details={**art.details, "metadata": {"AOTI_DEVICE_KEY": "cuda"}})
-    signature = torch_aoti.read_wrapper_signature(aoti_package)
-    assert signature.batch_sizes == (2,)  # compiled for batch 2: its one size is graphed
+    signature, unknown = torch_aoti.read_wrapper_signature(aoti_package)
+    assert signature.batch_sizes == (2,) and unknown == []  # compiled for batch 2: its one size is graphed
     dynamic = dataclasses.replace(signature, batch_sizes=())
-    monkeypatch.setattr(torch_aoti, "read_wrapper_signature", lambda path: dynamic)
+    monkeypatch.setattr(torch_aoti, "read_wrapper_signature", lambda path, declared=None: (dynamic, []))
     with pytest.raises(ConfigError, match="needs batch_sizes in onebox.toml"):
         handler_class("torch_aoti")().load(as_cuda, Device("cuda", 0), ModelConfig(cuda_graphs=True))
+
+
+@pytest.mark.slow
+def test_aoti_warms_up_only_inputs_whose_shape_it_knows(aoti_package, monkeypatch, caplog):
+    # random inputs of a guessed rank would run (AOTI checks no shapes by default) and have
+    # graphs captured for shapes no request has
+    import dataclasses
+
+    import handlers.torch_aoti as torch_aoti
+    from serving.types import TensorSpec
+
+    art = detect(aoti_package.parent)
+    known = handler_class("torch_aoti")()
+    known.load(art, Device("cpu"), ModelConfig())
+    calls = []
+    monkeypatch.setattr(known, "predict", lambda inputs: calls.append(inputs["input"].shape))
+    known.warmup([2])
+    assert calls == [(2, 4)]
+
+    signature, _ = torch_aoti.read_wrapper_signature(aoti_package)
+    guessed = dataclasses.replace(signature, inputs=(TensorSpec("input", "float32", (-1,)),))
+    monkeypatch.setattr(
+        torch_aoti, "read_wrapper_signature", lambda path, declared=None: (guessed, ["input"])
+    )
+    unknown = handler_class("torch_aoti")()
+    with caplog.at_level("WARNING"):
+        unknown.load(art, Device("cpu"), ModelConfig())
+    assert "not in this AOTInductor package's wrapper: no warm-up" in caplog.text
+    monkeypatch.setattr(unknown, "predict", lambda inputs: calls.append(inputs["input"].shape))
+    unknown.warmup([1, 2])
+    assert calls == [(2, 4)]
