@@ -14,12 +14,12 @@ from handlers.base import Handler
 from handlers.torch_common import (
     EXPORT_DTYPES,
     TorchRunner,
-    check_batch,
     compute_dtype,
     output_names,
     release_cuda_memory,
     torch_device,
 )
+from handlers.torch_signature import check_batch
 from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
 
 _SYMBOL = re.compile(r"Symbol\('(\w+)'")

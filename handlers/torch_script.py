@@ -8,14 +8,8 @@ from dataclasses import replace
 import numpy as np
 
 from handlers.base import Handler, batch_signature
-from handlers.torch_common import (
-    TorchRunner,
-    compute_dtype,
-    declared_specs,
-    outputs_from_sample,
-    release_cuda_memory,
-    torch_device,
-)
+from handlers.torch_common import TorchRunner, compute_dtype, release_cuda_memory, torch_device
+from handlers.torch_signature import declared_specs, outputs_from_sample
 from serving.types import Artifact, Device, ModelConfig, Tensors, TensorSpec
 
 

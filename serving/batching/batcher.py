@@ -18,14 +18,7 @@ from serving.batching.records import Flight, Launch, Part, Request, settle
 from serving.batching.shaping import Allocate, count_rows, shape_key
 from serving.batching.stats import BatchStats
 from serving.batching.timing import WorkerTimes
-from serving.errors import (
-    DeadlineExceeded,
-    ModelError,
-    NotReady,
-    PayloadTooLarge,
-    QueueFull,
-    ServingError,
-)
+from serving.errors import DeadlineExceeded, ModelError, NotReady, PayloadTooLarge, QueueFull, ServingError
 from serving.types import Tensors
 
 log = logging.getLogger(__name__)
@@ -89,7 +82,7 @@ class Batcher:
             copier=self._copier,
             gather=gather,
         )
-        self._gather = gather
+        self.gathers = gather  # batches reach the runner as unjoined Rows
         self._policy = policy
         self._name = name
         self._clock = clock
@@ -167,11 +160,6 @@ class Batcher:
     def policy(self) -> BatchPolicy:
         """The policy this batcher forms batches by."""
         return self._policy
-
-    @property
-    def gathers(self) -> bool:
-        """Whether batches reach the runner as unjoined Rows (the runner copies them itself)."""
-        return self._gather
 
     @property
     def copy_threads(self) -> int:
