@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and a CUDA build of torch"),
 ]
 
-from tests.handlers.test_torch_gpu import Deep, cpu_reference, loaded  # noqa: E402
+from tests.handlers.test_torch_gpu import Deep, check_answers, cpu_reference, loaded, submit_from_threads  # noqa: E402
 
 
 def in_region(arrays: list[np.ndarray]) -> tuple[mmap.mmap, list[np.ndarray]]:
@@ -140,23 +139,7 @@ def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     region, views = in_region(plain[::2])
     assert regions(region) is not None
     xs = [views[i // 2] if i % 2 == 0 else x for i, x in enumerate(plain)]
-    futures = [None] * len(xs)
-
-    def submit(start):
-        for i in range(start, len(xs), 8):
-            futures[i] = batcher.submit({"x": xs[i]}, time.time() + 60)
-            if i % 5 == 0:
-                futures[i].result(60)  # closed-loop callers among open-loop ones: batches of every size
-
-    threads = [threading.Thread(target=submit, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    try:
-        for x, future in zip(plain, futures, strict=True):
-            np.testing.assert_allclose(future.result(60)["output"], cpu_reference(model, x), atol=2e-3)
-    finally:
-        batcher.close()
+    futures = submit_from_threads(batcher, xs)
+    check_answers(batcher, model, plain, futures)
     assert "Rows" in launches and len(launches) < len(xs)  # batched, and handed over unjoined
     handler.unload()

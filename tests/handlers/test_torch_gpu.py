@@ -27,6 +27,37 @@ def loaded(path, config=ModelConfig(), device=Device("cuda", 0)):
     return handler
 
 
+def submit_from_threads(batcher, xs: list) -> list:
+    """Each of ``xs`` submitted as one request from 8 threads, some waiting for their answer
+    before the next (closed-loop callers among open-loop ones: batches of every size)."""
+    import threading
+    import time
+
+    futures = [None] * len(xs)
+
+    def submit(start):
+        for i in range(start, len(xs), 8):
+            futures[i] = batcher.submit({"x": xs[i]}, time.time() + 60)
+            if i % 5 == 0:
+                futures[i].result(60)
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return futures
+
+
+def check_answers(batcher, model, xs: list, futures: list) -> None:
+    """Each request's answer is the CPU model's for its own input; the batcher is closed after."""
+    try:
+        for x, future in zip(xs, futures, strict=True):
+            np.testing.assert_allclose(future.result(60)["output"], cpu_reference(model, x), atol=2e-3)
+    finally:
+        batcher.close()
+
+
 def cpu_reference(model, x):
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
@@ -132,8 +163,6 @@ def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     # launched before batch N's answers are handed out (with depth 2, while N still runs: in
     # the twin lane's staging), so a graph's outputs or a staging buffer reused too early
     # would mix requests up
-    import threading
-    import time
 
     from serving.batching import Batcher, BatchPolicy
 
@@ -158,24 +187,8 @@ def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
         np.random.default_rng(seed).standard_normal((1 + seed % 3, 256)).astype(np.float32)
         for seed in range(600)
     ]
-    futures = [None] * len(xs)
-
-    def submit(start):
-        for i in range(start, len(xs), 8):
-            futures[i] = batcher.submit({"x": xs[i]}, time.time() + 60)
-            if i % 5 == 0:
-                futures[i].result(60)  # closed-loop callers among open-loop ones: batches of every size
-
-    threads = [threading.Thread(target=submit, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    try:
-        for x, future in zip(xs, futures, strict=True):
-            np.testing.assert_allclose(future.result(60)["output"], cpu_reference(model, x), atol=2e-3)
-    finally:
-        batcher.close()
+    futures = submit_from_threads(batcher, xs)
+    check_answers(batcher, model, xs, futures)
     assert len(launches) < len(xs) and max(launches) > 3  # requests were batched together
     handler.unload()
 
