@@ -163,7 +163,6 @@ def test_a_pipelined_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     # launched before batch N's answers are handed out (with depth 2, while N still runs: in
     # the twin lane's staging), so a graph's outputs or a staging buffer reused too early
     # would mix requests up
-
     from serving.batching import Batcher, BatchPolicy
 
     model = Deep(256, 20).eval()
