@@ -293,7 +293,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
            lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "on",
            sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0", copy_threads: int = 0,
-           pin: str = "on") -> dict:  # fmt: skip
+           pin: str = "on", h2d: str = "driver") -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request."""
     (model_dir / "onebox.toml").write_text(
         config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind, copy_threads)
@@ -318,6 +318,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         "ONEBOX_FRONTEND_TIMINGS": tempfile.mkdtemp(prefix="onebox-timings-"),
         # on: the hosts register the frontends' shared regions with CUDA and copy from them
         "ONEBOX_IPC_PIN": "true" if pin == "on" else "false",
+        # driver: the hosts queue their copies to the GPU through the driver, GIL held; torch: copy_
+        "ONEBOX_CUDA_COPY": h2d,
     }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals); timings: the frontends' sums
     results = {}
 
@@ -477,6 +479,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pin", type=lambda t: t.split(","), default=["on"],
                         help="on: hosts register the frontends' shared regions with CUDA and copy "
                              "requests from them (ONEBOX_IPC_PIN); off: joined on the host, e.g. on,off")  # fmt: skip
+    parser.add_argument("--h2d", type=lambda t: t.split(","), default=["driver"],
+                        help="how hosts queue copies to the GPU (ONEBOX_CUDA_COPY): driver (cuMemcpyHtoDAsync, "
+                             "GIL held) or torch (Tensor.copy_), e.g. driver,torch")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -504,28 +509,35 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes, sync, pipeline, gather, copy, pin in itertools.product(
-                args.hosts, args.lanes, args.sync, args.pipeline, args.gather, args.copy_threads, args.pin
+            for hosts, lanes, sync, pipeline, gather, copy, pin, h2d in itertools.product(
+                args.hosts,
+                args.lanes,
+                args.sync,
+                args.pipeline,
+                args.gather,
+                args.copy_threads,
+                args.pin,
+                args.h2d,
             ):
                 piped = {"off": "serial", "on": "pipelined", "ahead": "ahead"}[pipeline]
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
-                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}, pin {pin}",
+                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}, pin {pin}, h2d {h2d}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
                              hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
-                             args.graph_sizes, gather, copy, pin)  # fmt: skip
+                             args.graph_sizes, gather, copy, pin, h2d)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
                 report[
-                    f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}/pin{pin}"
+                    f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}/pin{pin}/{h2d}"
                 ] = {
                     "offline": off,
                     "served": srv,
                 }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}, h2d {h2d}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

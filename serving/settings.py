@@ -62,6 +62,9 @@ class Settings:
     # a CUDA host registers the frontends' shared regions, and copies requests from them to the
     # device (handlers.host_memory)
     ipc_pin: bool = True
+    # how a CUDA host queues its copies to the device: "driver" (cuMemcpyHtoDAsync, the GIL kept)
+    # or "torch" (Tensor.copy_, which hands the GIL over per copy) (handlers.cuda_inputs)
+    cuda_copy: str = "driver"
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     @property
@@ -117,6 +120,7 @@ class Settings:
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
             ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
             ipc_pin=env.get("ONEBOX_IPC_PIN", _bool, True),
+            cuda_copy=env.get("ONEBOX_CUDA_COPY", _choice("driver", "torch"), "driver"),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
             frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),

@@ -178,8 +178,14 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _pinning(host: Host):
-    """What registers the frontends' shared regions with CUDA on a GPU host (None elsewhere)."""
-    if host.device.kind != "cuda" or not host.settings.ipc_pin:
+    """What registers the frontends' shared regions with CUDA on a GPU host (None elsewhere);
+    and how the host's CUDA runners queue their copies to the device."""
+    if host.device.kind != "cuda":
+        return None
+    from handlers.cuda_inputs import DRIVER
+
+    DRIVER.enabled = host.settings.cuda_copy == "driver"
+    if not host.settings.ipc_pin:
         return None
     from handlers.host_memory import REGIONS
 

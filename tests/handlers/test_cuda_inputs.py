@@ -84,3 +84,82 @@ def test_a_batch_built_in_the_staging_buffer_is_not_copied_into_it_again():
     _copy_parts([built], target, lambda p: False, lambda: staging)
     assert target.copies == [(0, 4, "staged")]
     np.testing.assert_array_equal(target.tensor.numpy(), np.arange(12).reshape(4, 3))
+
+
+# -- the driver's copies (DriverCopy), with a "driver" that copies between CPU buffers -----------
+import ctypes  # noqa: E402
+
+from handlers.cuda_inputs import DriverCopy, _RawTarget  # noqa: E402
+
+
+class FakeDriver:
+    """Stands in for cuMemcpyHtoDAsync: records each copy and makes it (CPU to CPU)."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls: list[tuple[int, int, int, int]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, device_address: int, host_address: int, nbytes: int, stream: int) -> int:
+        self.calls.append((device_address, host_address, nbytes, stream))
+        if self.fail_at is not None and len(self.calls) > self.fail_at:
+            return 700  # CUDA_ERROR_ILLEGAL_ADDRESS
+        ctypes.memmove(device_address, host_address, nbytes)
+        return 0
+
+
+def raw_run(parts, covered: set[int], driver: FakeDriver, dtype=np.float32):
+    target = Target((sum(len(p) for p in parts), 3), torch.from_numpy(np.empty(0, dtype)).dtype)
+    copier = DriverCopy(call=driver)
+    raw = _RawTarget(copier, target.tensor.data_ptr(), tuple(target.tensor.shape), np.dtype(dtype), 7)
+
+    def host():
+        target.staging = torch.zeros(target.tensor.shape, dtype=target.tensor.dtype)
+        return target.staging
+
+    ids = {id(parts[i]) for i in covered}
+    _copy_parts(parts, target, lambda p: id(p) in ids, host, raw)
+    np.testing.assert_array_equal(target.tensor.numpy(), np.concatenate(parts).astype(dtype))
+    return target, copier
+
+
+def test_the_driver_takes_every_copy_at_its_rows_address_on_the_lanes_stream():
+    parts = parts_of(1, 2, 1, 1, 2)
+    driver = FakeDriver()
+    target, copier = raw_run(parts, {2}, driver)
+    base, row = target.tensor.data_ptr(), 3 * 4
+    staging = target.staging.data_ptr()
+    assert [(d - base, n, s) for d, _, n, s in driver.calls] == [
+        (0, 3 * row, 7),
+        (3 * row, row, 7),
+        (4 * row, 3 * row, 7),
+    ]
+    # the staged runs are read from the staging buffer, the covered part where it lies
+    assert [h for _, h, _, _ in driver.calls] == [staging, parts[2].ctypes.data, staging + 4 * row]
+    assert target.copies == [] and copier.queued == 3  # torch copied nothing
+
+
+def test_a_part_of_another_dtype_goes_through_torch_which_casts_it():
+    parts = parts_of(2, 2)
+    driver = FakeDriver()
+    target, copier = raw_run(parts, {0, 1}, driver, dtype=np.float64)
+    assert driver.calls == [] and target.copies == [(0, 2, "direct"), (2, 4, "direct")]
+
+
+def test_rows_that_would_not_fit_the_target_are_never_given_to_the_driver():
+    copier = DriverCopy(call=FakeDriver())
+    raw = _RawTarget(copier, 0, (4, 3), np.dtype(np.float32), 0)
+    rows = np.zeros((2, 3), np.float32)
+    assert not raw.put(3, rows)  # rows 3..4 of a 4-row target
+    assert not raw.put(0, np.zeros((2, 4), np.float32))  # another row shape
+    assert not raw.put(0, np.zeros((3, 2), np.float32).T)  # not C-contiguous
+    assert copier.queued == 0
+
+
+def test_a_failing_driver_call_turns_the_path_off_and_torch_copies_instead(caplog):
+    parts = parts_of(1, 1, 1)
+    driver = FakeDriver(fail_at=1)
+    target, copier = raw_run(parts, {0, 1, 2}, driver)
+    assert len(driver.calls) == 2  # the second failed; the third was not tried
+    assert target.copies == [(1, 2, "direct"), (2, 3, "direct")]
+    assert not copier.enabled and copier.queued == 1
+    assert "CUDA error 700" in caplog.text

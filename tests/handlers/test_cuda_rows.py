@@ -86,8 +86,23 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
         assert not covers(view)
 
 
+@pytest.fixture(params=["driver", "torch"])
+def copies(request):
+    """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``."""
+    from handlers.cuda_inputs import DRIVER
+
+    was = DRIVER.enabled
+    DRIVER.enabled = request.param == "driver"
+    yield request.param, DRIVER
+    DRIVER.enabled = was
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(tmp_path, regions, graphs):
+def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
+    tmp_path, regions, graphs, copies
+):
+    way, driver = copies
+    queued = driver.queued
     model = Deep(64, 4).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
@@ -108,6 +123,9 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(tmp
         np.testing.assert_allclose(
             out[rows:], np.repeat(out[rows - 1 : rows], len(batch) - rows, 0), atol=1e-5
         )
+    # the driver took the copies (none failed: a failure turns it off), or torch did them all
+    assert driver.enabled == (way == "driver")
+    assert (driver.queued > queued) == (way == "driver")
     handler.unload()
 
 
