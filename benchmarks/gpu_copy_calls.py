@@ -9,7 +9,7 @@ each, from registered memory) with ``torch`` (``Tensor.copy_``) and with the cop
 keeps the GIL), while 0, 1 or 2 other Python threads run: ``spin`` (pure Python, as the answer
 thread converting outputs) and ``io`` (a socket ping-pong, as the I/O thread).
 
-Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--repeats 300]``
+Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5]``
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=int, default=18, help="copies queued per batch")
     parser.add_argument("--rows", type=int, default=5, help="rows (150 KB images) per copy")
-    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--switch-ms", type=float, default=0.5,
+                        help="the interpreter's switch interval; 0.5 as a model host sets it (Python's own: 5)")  # fmt: skip
     args = parser.parse_args()
+    sys.setswitchinterval(args.switch_ms / 1000)
 
     import torch
 
@@ -98,7 +101,7 @@ def main() -> None:
     if copier:
         ways["driver (PyDLL)"] = with_driver
     print(f"{args.parts} copies of {args.rows} rows ({host[0].nbytes * args.rows // 1024} KB each) per batch, "
-          f"CPU microseconds to queue them, median (p90) of {args.repeats}")  # fmt: skip
+          f"CPU microseconds to queue them, median (p90) of {args.repeats}, switch interval {args.switch_ms} ms")  # fmt: skip
     print(f"{'others':<12}" + "".join(f"{name:>24}" for name in ways))
     for others in ("none", "spin", "spin+io", "io"):
         stop = threading.Event()
