@@ -82,6 +82,7 @@ def test_onebox_batching_defaults_are_read():
         ("ONEBOX_FRONTEND_WORKER_CLASS", "uvicorn"),
         ("ONEBOX_FRONTEND_GATHER", "sometimes"),
         ("ONEBOX_FRONTEND_MAX_CALLS", "-2"),
+        ("ONEBOX_CUDA_COPY", "cupy"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_value(name, value):
@@ -89,6 +90,11 @@ def test_a_bad_value_names_the_variable_and_the_value(name, value):
         Settings.from_env({name: value})
     assert name in str(info.value)
     assert repr(value) in str(info.value)
+
+
+def test_cuda_copies_go_through_the_driver_unless_told_torch():
+    assert Settings.from_env({}).cuda_copy == "driver"
+    assert Settings.from_env({"ONEBOX_CUDA_COPY": "torch"}).cuda_copy == "torch"
 
 
 def test_batch_transform_payload_over_100_mb_is_refused():

@@ -1,0 +1,36 @@
+"""A CUDA host sets how its runners queue copies to the device from ONEBOX_CUDA_COPY."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from handlers.cuda_inputs import DRIVER
+from serving.host.process import _pinning
+from serving.settings import Settings
+
+
+@pytest.fixture
+def restore():
+    was = DRIVER.enabled
+    yield
+    DRIVER.enabled = was
+
+
+@pytest.mark.parametrize("value,enabled", [("driver", True), ("torch", False)])
+def test_a_cuda_host_turns_the_driver_path_on_or_off(restore, value, enabled):
+    DRIVER.enabled = not enabled
+    settings = Settings.from_env({"ONEBOX_CUDA_COPY": value, "ONEBOX_IPC_PIN": "false"})
+    host = SimpleNamespace(device=SimpleNamespace(kind="cuda", index=0), settings=settings)
+    assert _pinning(host) is None  # pinning off: nothing registers regions
+    assert DRIVER.enabled is enabled
+
+
+def test_a_cpu_host_leaves_it_alone(restore):
+    DRIVER.enabled = True
+    settings = Settings.from_env({"ONEBOX_CUDA_COPY": "torch"})
+    assert (
+        _pinning(SimpleNamespace(device=SimpleNamespace(kind="cpu", index=None), settings=settings)) is None
+    )
+    assert DRIVER.enabled is True
