@@ -11,9 +11,10 @@ the graph's inputs are filled from them on the device. Padding rows repeat the l
 copied on the device.
 
 The copies are queued through the CUDA driver (:class:`DriverCopy`: ``cuMemcpyHtoDAsync`` by
-``ctypes.PyDLL``), which keeps the GIL for the microseconds a queued copy takes. ``Tensor.copy_``
-releases and retakes it for each copy, and beside the launching thread a host's I/O and answer
-threads want it: with ~18 copies a batch the launch waited behind them (benchmarks/RESULTS.md).
+``ctypes.PyDLL``), which keeps the GIL for the microseconds a queued copy takes; ``Tensor.copy_``
+releases and retakes it for each copy. Queuing a batch's ~18 copies beside a busy Python thread
+took 0.17 ms against 24 ms that way, but served throughput on an H200 did not move: the host's
+other threads mostly wait in I/O (benchmarks/RESULTS.md, sixteenth session).
 A copy the driver path cannot take (another dtype, a target that is not contiguous, no driver
 library, a call that fails) goes through ``Tensor.copy_`` as before.
 """
@@ -86,8 +87,9 @@ class DriverCopy:
         return _RawTarget(self, tensor.data_ptr(), tuple(tensor.shape), dtype, stream)
 
     def host_to_device(self, device_address: int, host_address: int, nbytes: int, stream: int) -> bool:
-        """Queue one copy on ``stream`` (a raw handle); False, and the path off, when it fails."""
-        if not self.enabled or self._function() is None:
+        """Queue one copy on ``stream`` (a raw handle, from a :meth:`target`); False, and the path
+        off, when it fails."""
+        if not self.enabled:  # turned off by a failure earlier in this batch
             return False
         error = self._call(device_address, host_address, nbytes, stream)
         if error != 0:

@@ -177,15 +177,17 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
     return {"outputs": specs, "replied": time.time()}, out
 
 
-def _pinning(host: Host):
-    """What registers the frontends' shared regions with CUDA on a GPU host (None elsewhere);
-    and how the host's CUDA runners queue their copies to the device."""
-    if host.device.kind != "cuda":
-        return None
-    from handlers.cuda_inputs import DRIVER
+def _cuda_copies(host: Host) -> None:
+    """How a GPU host's CUDA runners queue their copies to the device (Settings.cuda_copy)."""
+    if host.device.kind == "cuda":
+        from handlers.cuda_inputs import DRIVER
 
-    DRIVER.enabled = host.settings.cuda_copy == "driver"
-    if not host.settings.ipc_pin:
+        DRIVER.enabled = host.settings.cuda_copy == "driver"
+
+
+def _pinning(host: Host):
+    """What registers the frontends' shared regions with CUDA on a GPU host (None elsewhere)."""
+    if host.device.kind != "cuda" or not host.settings.ipc_pin:
         return None
     from handlers.host_memory import REGIONS
 
@@ -204,6 +206,7 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     # default 5 ms so a woken thread does not queue behind a busy one (batch formation, copies)
     sys.setswitchinterval(0.0005)
     host = Host(settings, Device.parse(device))
+    _cuda_copies(host)
     server = IPCServer(socket_path, host.dispatch, host.dispatch_nowait, on_region=_pinning(host))
     stop = threading.Event()
 

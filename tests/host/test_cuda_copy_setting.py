@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from handlers.cuda_inputs import DRIVER
-from serving.host.process import _pinning
+from serving.host.process import _cuda_copies
 from serving.settings import Settings
 
 
@@ -21,16 +21,13 @@ def restore():
 @pytest.mark.parametrize("value,enabled", [("driver", True), ("torch", False)])
 def test_a_cuda_host_turns_the_driver_path_on_or_off(restore, value, enabled):
     DRIVER.enabled = not enabled
-    settings = Settings.from_env({"ONEBOX_CUDA_COPY": value, "ONEBOX_IPC_PIN": "false"})
-    host = SimpleNamespace(device=SimpleNamespace(kind="cuda", index=0), settings=settings)
-    assert _pinning(host) is None  # pinning off: nothing registers regions
+    settings = Settings.from_env({"ONEBOX_CUDA_COPY": value})
+    _cuda_copies(SimpleNamespace(device=SimpleNamespace(kind="cuda", index=0), settings=settings))
     assert DRIVER.enabled is enabled
 
 
 def test_a_cpu_host_leaves_it_alone(restore):
     DRIVER.enabled = True
     settings = Settings.from_env({"ONEBOX_CUDA_COPY": "torch"})
-    assert (
-        _pinning(SimpleNamespace(device=SimpleNamespace(kind="cpu", index=None), settings=settings)) is None
-    )
+    _cuda_copies(SimpleNamespace(device=SimpleNamespace(kind="cpu", index=None), settings=settings))
     assert DRIVER.enabled is True
