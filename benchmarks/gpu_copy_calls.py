@@ -80,7 +80,7 @@ def main() -> None:
     parts = [host[i : i + args.rows] for i in range(0, rows, args.rows)]
     target = torch.empty((rows, *row), dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
-    copier = cuda_inputs.DriverCopy.load()
+    copier = cuda_inputs.CudaDriver.load()
     print(f"driver copy: {'available' if copier else 'NOT available'}; {torch.cuda.get_device_name(0)}")
 
     def with_torch() -> None:

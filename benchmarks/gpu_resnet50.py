@@ -258,6 +258,8 @@ def profile(
 
     ``gil``: only the thread holding the GIL is sampled, so the stacks are where the process's one
     serial Python section goes (what caps a GIL-bound process), not where its threads wait.
+    Otherwise every thread is sampled, idle ones too, so a thread's stacks are where its wall
+    time goes, waits for the GIL or the device included.
     """
     import shutil
 
@@ -279,7 +281,7 @@ def profile(
         # py-spy reads native stacks only while the process is stopped
         *([] if native else ["--nonblocking"]),
         "--threads",
-        *(["--gil"] if gil else []),
+        *(["--gil"] if gil else ["--idle"]),
         *(["--native"] if native else []),
         "-o",
         str(out),
@@ -318,7 +320,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         "ONEBOX_FRONTEND_TIMINGS": tempfile.mkdtemp(prefix="onebox-timings-"),
         # on: the hosts register the frontends' shared regions with CUDA and copy from them
         "ONEBOX_IPC_PIN": "true" if pin == "on" else "false",
-        # driver: the hosts queue their copies to the GPU through the driver, GIL held; torch: copy_
+        # driver: the hosts queue copies, graph launches and events through the driver, GIL held
         "ONEBOX_CUDA_COPY": h2d,
     }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals); timings: the frontends' sums
     results = {}
@@ -341,7 +343,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for (role, proc), gil in itertools.product(targets.items(), (False, True)):
-                    name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{role}{'-gil' if gil else ''}.txt"
+                    name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{h2d}-{role}{'-gil' if gil else ''}.txt"
                     spy = profile(proc.pid, duration, profile_dir / name, gil, native=NATIVE_PROFILES)
                     if spy:
                         spies.append(spy)
@@ -480,8 +482,8 @@ def main(argv=None) -> int:
                         help="on: hosts register the frontends' shared regions with CUDA and copy "
                              "requests from them (ONEBOX_IPC_PIN); off: joined on the host, e.g. on,off")  # fmt: skip
     parser.add_argument("--h2d", type=lambda t: t.split(","), default=["driver"],
-                        help="how hosts queue copies to the GPU (ONEBOX_CUDA_COPY): driver (cuMemcpyHtoDAsync, "
-                             "GIL held) or torch (Tensor.copy_), e.g. driver,torch")  # fmt: skip
+                        help="how hosts queue a batch's CUDA work (ONEBOX_CUDA_COPY): driver (copies, graph "
+                             "launch, copies out and events through the driver, GIL held) or torch, e.g. driver,torch")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",

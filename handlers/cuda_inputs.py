@@ -10,7 +10,7 @@ its own buffers, overlapping the other twin's batch, and the stream waits for an
 the graph's inputs are filled from them on the device. Padding rows repeat the last real row,
 copied on the device.
 
-The copies are queued through the CUDA driver (:class:`DriverCopy`: ``cuMemcpyHtoDAsync`` by
+The copies are queued through the CUDA driver (:class:`CudaDriver`: ``cuMemcpyHtoDAsync`` by
 ``ctypes.PyDLL``), which keeps the GIL for the microseconds a queued copy takes; ``Tensor.copy_``
 releases and retakes it for each copy. Queuing a batch's ~18 copies beside a busy Python thread
 took 0.17 ms against 24 ms that way, but served throughput on an H200 did not move: the host's
@@ -36,47 +36,66 @@ log = logging.getLogger(__name__)
 Staging = Callable[[int, tuple, np.dtype], object]
 
 
-class DriverCopy:
-    """Host-to-device copies queued by the CUDA driver, holding the GIL (``ctypes.PyDLL``).
+#: the driver calls :class:`CudaDriver` queues: name -> (symbol, argument types)
+_CALLS = {
+    "htod": ("cuMemcpyHtoDAsync_v2", (ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)),
+    "dtoh": ("cuMemcpyDtoHAsync_v2", (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)),
+    "dtod": ("cuMemcpyDtoDAsync_v2", (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)),
+    "graph": ("cuGraphLaunch", (ctypes.c_void_p, ctypes.c_void_p)),
+    "event": ("cuEventRecord", (ctypes.c_void_p, ctypes.c_void_p)),
+}
 
-    Only for sources in page-locked memory (registered regions, pinned staging): from pageable
-    memory the driver would copy synchronously, GIL held. The calling thread must have the
-    device's context current, as a thread that ran CUDA work through torch has; a call that
-    fails turns the driver path off for the process (logged once) and the copy goes through
-    torch.
+
+class CudaDriver:
+    """A batch's CUDA work queued by the driver, holding the GIL (``ctypes.PyDLL``).
+
+    Copies (host to device, device to host, device to device), graph launches and event records:
+    each is queued in microseconds, so keeping the GIL costs the host's other threads nothing,
+    while torch's calls release it and take it back, a wait of up to the switch interval each
+    time another thread runs Python. Copies to or from the host only for page-locked memory
+    (registered regions, pinned buffers): from pageable memory the driver would copy
+    synchronously, GIL held. The calling thread must have the device's context current, as a
+    thread that ran CUDA work through torch has. A call that fails turns the driver path off
+    for the process (logged once); that call and every later one go through torch.
     """
 
-    def __init__(self, enabled: bool = True, call: Callable[[int, int, int, int], int] | None = None):
-        """``call(device_address, host_address, nbytes, stream) -> CUresult``: the driver's
-        ``cuMemcpyHtoDAsync`` unless given (tests give one that copies between CPU buffers)."""
+    def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
+        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``) -> a function
+        returning a ``CUresult``, instead of the driver's (tests give ones that copy between
+        CPU buffers); a name left out is not queued by the driver."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
-        self._call = call
-        self._loaded = call is not None
+        self._calls = calls
         self.queued = 0  # copies the driver took
+        self.launched = 0  # graph launches and event records the driver took
 
     @classmethod
-    def load(cls) -> DriverCopy | None:
-        """A copier with the driver library loaded now; None where there is none."""
-        copier = cls()
-        return copier if copier._function() is not None else None
+    def load(cls) -> CudaDriver | None:
+        """A driver with its library loaded now; None where there is none."""
+        driver = cls()
+        return driver if driver._functions() else None
 
-    def _function(self):
-        if not self._loaded:
-            self._loaded = True
+    def _functions(self) -> dict:
+        if self._calls is None:
+            self._calls = {}
             try:
-                call = ctypes.PyDLL("libcuda.so.1").cuMemcpyHtoDAsync_v2
+                library = ctypes.PyDLL("libcuda.so.1")
+                for name, (symbol, argtypes) in _CALLS.items():
+                    function = getattr(library, symbol)
+                    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+                    self._calls[name] = function
             except (OSError, AttributeError):
-                log.info("the CUDA driver library is not loadable: copies go through torch")
-            else:
-                call.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-                call.restype = ctypes.c_int
-                self._call = call
-        return self._call
+                self._calls = {}
+                log.info("the CUDA driver library is not loadable: CUDA work goes through torch")
+        return self._calls
+
+    def can(self, name: str) -> bool:
+        """Whether the driver queues calls of this kind now."""
+        return self.enabled and name in self._functions()
 
     def target(self, tensor) -> _RawTarget | None:
         """``tensor`` (a CUDA tensor, rows on its first axis) as a target of raw copies on the
         current stream, or None when the driver path cannot fill it."""
-        if not self.enabled or self._function() is None or not tensor.is_contiguous() or tensor.ndim == 0:
+        if not self.can("htod") or not tensor.is_contiguous() or tensor.ndim == 0:
             return None
         dtype = _numpy_dtype(tensor.dtype)
         if dtype is None or len(tensor) == 0:
@@ -89,16 +108,35 @@ class DriverCopy:
     def host_to_device(self, device_address: int, host_address: int, nbytes: int, stream: int) -> bool:
         """Queue one copy on ``stream`` (a raw handle, from a :meth:`target`); False, and the path
         off, when it fails."""
-        if not self.enabled:  # turned off by a failure earlier in this batch
+        return self._queue("htod", device_address, host_address, nbytes, stream)
+
+    def device_to_host(self, host_address: int, device_address: int, nbytes: int, stream: int) -> bool:
+        """Queue one copy into page-locked host memory on ``stream``."""
+        return self._queue("dtoh", host_address, device_address, nbytes, stream)
+
+    def device_to_device(self, target: int, source: int, nbytes: int, stream: int) -> bool:
+        """Queue one copy between device addresses on ``stream``."""
+        return self._queue("dtod", target, source, nbytes, stream)
+
+    def launch_graph(self, graph_exec: int, stream: int) -> bool:
+        """Launch an instantiated graph (``cudaGraphExec_t``) on ``stream``."""
+        return self._queue("graph", graph_exec, stream, count="launched")
+
+    def record(self, event: int, stream: int) -> bool:
+        """Record an event (a ``cudaEvent_t`` torch created) on ``stream``."""
+        return self._queue("event", event, stream, count="launched")
+
+    def _queue(self, name: str, *args, count: str = "queued") -> bool:
+        if not self.can(name):  # off, or turned off by a failure earlier in this batch
             return False
-        error = self._call(device_address, host_address, nbytes, stream)
+        error = self._calls[name](*args)
         if error != 0:
             self.enabled = False
             log.warning(
-                "cuMemcpyHtoDAsync failed (CUDA error %d): copies go through torch from now on", error
+                "%s failed (CUDA error %d): CUDA work goes through torch from now on", _CALLS[name][0], error
             )
             return False
-        self.queued += 1
+        setattr(self, count, getattr(self, count) + 1)
         return True
 
 
@@ -107,7 +145,7 @@ class _RawTarget:
 
     __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream")
 
-    def __init__(self, copier: DriverCopy, address: int, shape: tuple, dtype: np.dtype, stream: int):
+    def __init__(self, copier: CudaDriver, address: int, shape: tuple, dtype: np.dtype, stream: int):
         self.copier, self.address, self.dtype, self.stream = copier, address, dtype, stream
         self.rows, self.row_shape = shape[0], shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
@@ -145,7 +183,7 @@ def _numpy_dtype(torch_dtype) -> np.dtype | None:
 
 
 #: the copier of this process's CUDA runners (on unless Settings.cuda_copy is ``torch``)
-DRIVER = DriverCopy()
+DRIVER = CudaDriver()
 
 
 class Lane:
@@ -156,7 +194,9 @@ class Lane:
     and its graphs' static buffers never hold two batches.
     """
 
-    __slots__ = ("stream", "staging", "graphs", "pool", "done", "spun", "copy_stream", "copied", "inputs")
+    __slots__ = (
+        "stream", "staging", "graphs", "pool", "done", "spun", "copy_stream", "copied", "inputs", "outputs",
+    )  # fmt: skip
 
     def __init__(self, stream, pool, done, copy_stream=None, copied=None, spun=None):
         self.stream = stream  # None: the device's current stream (one lane, the old behaviour)
@@ -171,6 +211,8 @@ class Lane:
         self.copied = copied  # recorded on copy_stream after this lane's copies
         # device buffers per (slot, non-batch shape, dtype), as many rows as the largest batch yet
         self.inputs: dict[tuple, object] = {}
+        # pinned host buffers a graph's outputs are copied into, per graph key (driver path)
+        self.outputs: dict[tuple, list] = {}
 
 
 def device_inputs(
@@ -180,7 +222,7 @@ def device_inputs(
     staging: Staging,
     into: list | None = None,
     regions: PinnedRegions = REGIONS,
-    driver: DriverCopy | None = DRIVER,
+    driver: CudaDriver | None = DRIVER,
 ) -> list:
     """Each of ``arrays`` (numpy arrays or Rows) on the device, padded rows included.
 
@@ -211,7 +253,7 @@ def device_inputs(
                 parts, target, covers, lambda slot=slot, a=array: staging(slot, a.shape, a.dtype), raw
             )
             if rows < len(target):  # padding: the last real row again
-                target[rows:].copy_(target[rows - 1 : rows].expand(len(target) - rows, *target.shape[1:]))
+                _pad(target, rows, raw)
         if side is not None:
             lane.copied.record(side)
     if side is not None:
@@ -227,7 +269,7 @@ def _copy_parts(
     raw: _RawTarget | None = None,
 ) -> None:
     """Queue the copies of ``parts`` (end to end) into the device tensor ``target``: by the
-    driver into ``raw`` (``target`` as :meth:`DriverCopy.target` gave it) where it can, else by
+    driver into ``raw`` (``target`` as :meth:`CudaDriver.target` gave it) where it can, else by
     ``Tensor.copy_``."""
     import torch
 
@@ -254,6 +296,23 @@ def _copy_parts(
         at += count
     if run is not None and (raw is None or not raw.put(run, staged[1][run:at])):
         target[run:at].copy_(staged[0][run:at], non_blocking=True)
+
+
+def _pad(target, rows: int, raw: _RawTarget | None) -> None:
+    """``target``'s rows from ``rows`` on as copies of row ``rows - 1``: by the driver in
+    doubling runs (each copies every row filled so far), else by one ``Tensor.copy_``."""
+    if raw is not None and raw.copier.can("dtod"):
+        last = raw.address + (rows - 1) * raw.row_bytes
+        filled, size = 1, len(target)  # rows rows-1 .. rows-2+filled hold the last row
+        while rows - 1 + filled < size:
+            count = min(filled, size - (rows - 1 + filled))
+            at = last + filled * raw.row_bytes
+            if not raw.copier.device_to_device(at, last, count * raw.row_bytes, raw.stream):
+                break
+            filled += count
+        else:
+            return
+    target[rows:].copy_(target[rows - 1 : rows].expand(len(target) - rows, *target.shape[1:]))
 
 
 def _device_buffer(lane: Lane, slot: int, array, device):

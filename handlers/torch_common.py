@@ -14,7 +14,7 @@ from functools import partial
 
 import numpy as np
 
-from handlers.cuda_inputs import Lane, device_inputs
+from handlers.cuda_inputs import DRIVER, Lane, device_inputs
 from handlers.host_memory import REGIONS
 from serving.errors import BadRequest, ConfigError, InsufficientMemory
 from serving.types import Device, ModelConfig, Rows, Tensors
@@ -213,25 +213,27 @@ class TorchRunner:
             try:
                 with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
                     staging = partial(self._staging, lane)
+                    stream = torch.cuda.current_stream(self.device)  # the lane's
                     if graphed:
-                        static_in, outs, graph, names = lane.graphs[key]
+                        static_in, outs, graph, names, graph_exec = lane.graphs[key]
                         if lane.copy_stream is None:  # straight into the graph's inputs
                             device_inputs(lane, arrays, self.device, staging, into=static_in)
                         else:  # a twin's own buffers, then into the graph's inputs on the device
                             inputs = device_inputs(lane, arrays, self.device, staging)
                             for target, source in zip(static_in, inputs, strict=True):
                                 target.copy_(source)
-                        graph.replay()
+                        if not (graph_exec and DRIVER.launch_graph(graph_exec, stream.cuda_stream)):
+                            graph.replay()
+                        host = _copied_out(lane, key, outs, stream)
                     else:
                         out = self.fn(
                             *[self._cast(t) for t in device_inputs(lane, arrays, self.device, staging)]
                         )
                         outs, names = flatten_outputs(out), _names_for(out)
-                    host = [t.to("cpu", non_blocking=True) for t in outs]
-                    stream = torch.cuda.current_stream(self.device)  # the lane's
-                    lane.done.record(stream)
+                        host = [t.to("cpu", non_blocking=True) for t in outs]
+                    _record(lane.done, stream)
                     if lane.spun is not None:
-                        lane.spun.record(stream)
+                        _record(lane.spun, stream)
             except BaseException:
                 self._lanes.put(lane)
                 raise
@@ -340,7 +342,7 @@ class TorchRunner:
         """Warm up on a side stream, then capture one CUDA graph for these input shapes."""
         graph, out = capture_graph(self.fn, static_in, self.device, pool=lane.pool)
         log.info("captured a CUDA graph for input shapes %s", [tuple(t.shape) for t in static_in])
-        return static_in, flatten_outputs(out), graph, _names_for(out)
+        return static_in, flatten_outputs(out), graph, _names_for(out), launch_handle(graph, self.device)
 
 
 @contextmanager
@@ -378,6 +380,58 @@ def capture_graph(fn: Callable, static_in: list, device, pool=None) -> tuple:
     with REGIONS.capturing(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn(*static_in)
     return graph, out
+
+
+def launch_handle(graph, device) -> int:
+    """The captured graph's ``cudaGraphExec_t``, for launching it through the driver; 0 where
+    only torch's ``replay`` is right.
+
+    ``replay`` also moves the CUDA generator's offset on by what one run of the graph draws, so
+    a graph that draws random numbers keeps it: one replay here shows whether the offset moves.
+    0 too for a torch without ``raw_cuda_graph_exec``.
+    """
+    import torch
+
+    raw = getattr(graph, "raw_cuda_graph_exec", None)
+    if raw is None:
+        return 0
+    generator = torch.cuda.default_generators[device.index or 0]
+    before = generator.get_offset()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return raw() if generator.get_offset() == before else 0
+
+
+def _copied_out(lane: Lane, key: tuple, outs: list, stream) -> list:
+    """A graph's outputs queued for copying to the host: with the driver path on, into the
+    lane's pinned buffers for ``key`` (made once), by the driver where it can (a contiguous
+    output), else by ``Tensor.copy_``; with it off, into new pinned tensors (``Tensor.to``).
+
+    The buffers are reused by the lane's next batch of that key, which the lane runs only after
+    this one was collected (and its outputs copied out of them: ``_to_numpy``).
+    """
+    import torch
+
+    if not DRIVER.can("dtoh"):
+        return [t.to("cpu", non_blocking=True) for t in outs]
+    buffers = lane.outputs.get(key)
+    if buffers is None:
+        buffers = lane.outputs[key] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outs]
+    for buffer, out in zip(buffers, outs, strict=True):
+        nbytes = out.numel() * out.element_size()
+        if not (
+            out.is_contiguous()
+            and DRIVER.device_to_host(buffer.data_ptr(), out.data_ptr(), nbytes, stream.cuda_stream)
+        ):
+            buffer.copy_(out, non_blocking=True)
+    return buffers
+
+
+def _record(event, stream) -> None:
+    """Record ``event`` on ``stream``: by the driver once torch has created the event."""
+    handle = getattr(event, "cuda_event", 0)
+    if not (handle and DRIVER.record(handle, stream.cuda_stream)):
+        event.record(stream)
 
 
 def release_cuda_memory() -> None:

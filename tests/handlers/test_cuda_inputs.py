@@ -86,10 +86,10 @@ def test_a_batch_built_in_the_staging_buffer_is_not_copied_into_it_again():
     np.testing.assert_array_equal(target.tensor.numpy(), np.arange(12).reshape(4, 3))
 
 
-# -- the driver's copies (DriverCopy), with a "driver" that copies between CPU buffers -----------
+# -- the driver's copies (CudaDriver), with a "driver" that copies between CPU buffers ----------
 import ctypes  # noqa: E402
 
-from handlers.cuda_inputs import DriverCopy, _RawTarget  # noqa: E402
+from handlers.cuda_inputs import CudaDriver, _pad, _RawTarget  # noqa: E402
 
 
 class FakeDriver:
@@ -109,7 +109,7 @@ class FakeDriver:
 
 def raw_run(parts, covered: set[int], driver: FakeDriver, dtype=np.float32):
     target = Target((sum(len(p) for p in parts), 3), torch.from_numpy(np.empty(0, dtype)).dtype)
-    copier = DriverCopy(call=driver)
+    copier = CudaDriver(calls={"htod": driver})
     raw = _RawTarget(copier, target.tensor.data_ptr(), tuple(target.tensor.shape), np.dtype(dtype), 7)
 
     def host():
@@ -146,7 +146,7 @@ def test_a_part_of_another_dtype_goes_through_torch_which_casts_it():
 
 
 def test_rows_that_would_not_fit_the_target_are_never_given_to_the_driver():
-    copier = DriverCopy(call=FakeDriver())
+    copier = CudaDriver(calls={"htod": FakeDriver()})
     raw = _RawTarget(copier, 0, (4, 3), np.dtype(np.float32), 0)
     rows = np.zeros((2, 3), np.float32)
     assert not raw.put(3, rows)  # rows 3..4 of a 4-row target
@@ -163,3 +163,60 @@ def test_a_failing_driver_call_turns_the_path_off_and_torch_copies_instead(caplo
     assert target.copies == [(1, 2, "direct"), (2, 3, "direct")]
     assert not copier.enabled and copier.queued == 1
     assert "CUDA error 700" in caplog.text
+
+
+# -- padding rows (_pad): doubling device-to-device copies by the driver, else one torch copy ------
+
+
+class FakeDeviceCopy:
+    """Stands in for cuMemcpyDtoDAsync: records (target, source, nbytes) and copies."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls: list[tuple[int, int, int]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, target: int, source: int, nbytes: int, stream: int) -> int:
+        self.calls.append((target, source, nbytes))
+        if self.fail_at is not None and len(self.calls) > self.fail_at:
+            return 1  # CUDA_ERROR_INVALID_VALUE
+        ctypes.memmove(target, source, nbytes)
+        return 0
+
+
+def padded(rows: int, size: int, calls: dict):
+    tensor = torch.full((size, 3), -1.0)
+    tensor[:rows] = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
+    copier = CudaDriver(calls=calls)
+    raw = _RawTarget(copier, tensor.data_ptr(), tuple(tensor.shape), np.dtype(np.float32), 0)
+    _pad(tensor, rows, raw)
+    expected = torch.cat([tensor[:rows], tensor[rows - 1 : rows].expand(size - rows, 3)])
+    torch.testing.assert_close(tensor, expected)
+    return tensor, copier
+
+
+def test_padding_rows_are_filled_by_doubling_copies_of_the_last_row():
+    dtod = FakeDeviceCopy()
+    tensor, copier = padded(2, 9, {"dtod": dtod})
+    base, row = tensor.data_ptr(), 3 * 4
+    # rows 2, then 3-4, then 5-8: each copy reads only rows already filled
+    assert [((t - base) // row, (s - base) // row, n // row) for t, s, n in dtod.calls] == [
+        (2, 1, 1),
+        (3, 1, 2),
+        (5, 1, 4),
+    ]
+    assert copier.queued == 3
+
+
+def test_a_failing_padding_copy_leaves_the_padding_to_torch():
+    dtod = FakeDeviceCopy(fail_at=1)
+    _, copier = padded(1, 6, {"dtod": dtod})  # torch fills rows 1-5 after the second call failed
+    assert len(dtod.calls) == 2 and not copier.enabled
+
+
+def test_padding_without_the_driver_is_one_torch_copy():
+    tensor = torch.zeros((5, 3))
+    tensor[:2] = 7.0
+    _pad(tensor, 2, None)
+    assert bool((tensor == 7.0).all())
+    _, copier = padded(3, 4, {"htod": FakeDriver()})  # a driver without device copies
+    assert copier.queued == 0

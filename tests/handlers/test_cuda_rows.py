@@ -102,7 +102,7 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
     tmp_path, regions, graphs, copies
 ):
     way, driver = copies
-    queued = driver.queued
+    queued, launched = driver.queued, driver.launched
     model = Deep(64, 4).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
@@ -126,7 +126,30 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
     # the driver took the copies (none failed: a failure turns it off), or torch did them all
     assert driver.enabled == (way == "driver")
     assert (driver.queued > queued) == (way == "driver")
+    # with graphs the driver also launched them and recorded the batches' events
+    assert (driver.launched > launched) == (way == "driver" and graphs)
     handler.unload()
+
+
+def test_a_graph_that_draws_random_numbers_is_replayed_by_torch_never_by_the_driver(copies):
+    # torch's replay moves the generator's offset on before each launch; launched by the driver
+    # such a graph would draw the same numbers every time
+    from handlers.torch_common import capture_graph, launch_handle
+
+    device = torch.device("cuda", 0)
+    x = torch.ones(4, 8, device=device)
+    noisy, _ = capture_graph(lambda t: t + torch.rand_like(t), [x], device)
+    plain, out = capture_graph(lambda t: t * 2, [x], device)
+    assert launch_handle(noisy, device) == 0
+    handle = launch_handle(plain, device)
+    assert handle != 0
+    _, driver = copies
+    if driver.enabled:  # the handle launches the graph: its output is the model's
+        out.zero_()
+        stream = torch.cuda.current_stream(device)
+        assert driver.launch_graph(handle, stream.cuda_stream)
+        stream.synchronize()
+        torch.testing.assert_close(out, x * 2)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
