@@ -52,6 +52,7 @@ MAX_BATCH = 128
 NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
 GRAPH_SIZES = (1, 2, *range(4, 65, 4), *range(72, 129, 8))
 #: the loop workers write their timing sums once a second (serving.http.timings)
+WARMUP_S = 2.0  # the load's warm-up before its measured window
 TIMINGS_TICK_S = 1.2
 
 
@@ -252,14 +253,15 @@ class GpuSampler:
 
 
 def profile(
-    pid: int, seconds: float, out: Path, gil: bool = False, native: bool = False
+    pid: int, seconds: float, out: Path, gil: bool = False, native: bool = False, delay: float = 0.0
 ) -> subprocess.Popen | None:
     """Sample a process with py-spy (collapsed stacks) in the background, if py-spy is installed.
 
     ``gil``: only the thread holding the GIL is sampled, so the stacks are where the process's one
     serial Python section goes (what caps a GIL-bound process), not where its threads wait.
     Otherwise every thread is sampled, idle ones too, so a thread's stacks are where its wall
-    time goes, waits for the GIL or the device included.
+    time goes, waits for the GIL or the device included. ``delay``: seconds before sampling
+    starts (the load's warm-up), so the profile covers the measured window only.
     """
     import shutil
 
@@ -270,6 +272,9 @@ def profile(
         return None
     exe = exe if isinstance(exe, str) else str(exe / "bin/py-spy")
     cmd = [
+        "sh",
+        "-c",
+        f'sleep {delay:.2f}; exec "$0" "$@"',
         exe,
         "record",
         "-f",
@@ -344,7 +349,9 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for (role, proc), gil in itertools.product(targets.items(), (False, True)):
                     name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{h2d}-{role}{'-gil' if gil else ''}.txt"
-                    spy = profile(proc.pid, duration, profile_dir / name, gil, native=NATIVE_PROFILES)
+                    # from the end of the load's warm-up to just before its end
+                    spy = profile(proc.pid, max(1, duration - 1), profile_dir / name, gil,
+                                  native=NATIVE_PROFILES, delay=TIMINGS_TICK_S + WARMUP_S + 0.5)  # fmt: skip
                     if spy:
                         spies.append(spy)
             timings_dir = Path(server.env["ONEBOX_FRONTEND_TIMINGS"])
@@ -354,7 +361,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             window = time.perf_counter()
             with GpuSampler(server.proc.pid) as gpu:
                 result = run_load(url, body=body, headers=headers, concurrency=conc, duration_s=duration,
-                                  warmup_s=2.0, processes=processes, verify=verify, verify_every=50)  # fmt: skip
+                                  warmup_s=WARMUP_S, processes=processes, verify=verify, verify_every=50)  # fmt: skip
             ran = batch_totals(Path(server.env["ONEBOX_RUN_DIR"]))
             window = time.perf_counter() - window
             pinned, pin_failures = ran["pinned_regions"], ran["pin_failures"]

@@ -185,6 +185,32 @@ def _numpy_dtype(torch_dtype) -> np.dtype | None:
 #: the copier of this process's CUDA runners (on unless Settings.cuda_copy is ``torch``)
 DRIVER = CudaDriver()
 
+#: outputs up to this size are copied out of pinned memory holding the GIL (``host_copy``)
+HOLD_GIL_BYTES = 4 << 20
+_memcpy = None
+
+
+def host_copy(array: np.ndarray, driver: CudaDriver = DRIVER) -> np.ndarray:
+    """A copy of ``array`` (a batch's outputs in a pinned buffer that the next batch reuses).
+
+    With the driver path on, one of up to ``HOLD_GIL_BYTES`` is copied by libc's ``memcpy``
+    through ``ctypes.PyDLL``, holding the GIL: numpy releases it for the copy of a large array,
+    and the batcher then waits to take it back from the host's other threads while the device
+    waits for the next batch. A larger one is copied by numpy.
+    """
+    global _memcpy
+    if not driver.enabled or array.nbytes > HOLD_GIL_BYTES or not array.flags.c_contiguous:
+        return array.copy()
+    if _memcpy is None:
+        _memcpy = ctypes.PyDLL(None).memcpy
+        _memcpy.argtypes, _memcpy.restype = (
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t],
+            ctypes.c_void_p,
+        )
+    copy = np.empty_like(array)
+    _memcpy(copy.ctypes.data, array.ctypes.data, array.nbytes)
+    return copy
+
 
 class Lane:
     """What one batch in flight owns on a GPU: streams, buffers, captured graphs.

@@ -220,3 +220,20 @@ def test_padding_without_the_driver_is_one_torch_copy():
     assert bool((tensor == 7.0).all())
     _, copier = padded(3, 4, {"htod": FakeDriver()})  # a driver without device copies
     assert copier.queued == 0
+
+
+# -- outputs copied out of the lane's pinned buffers (host_copy) ------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["driver", "torch"])
+def test_outputs_are_copied_out_of_the_reused_buffer_whichever_way(enabled, monkeypatch):
+    from handlers import cuda_inputs
+
+    buffer = np.arange(4000, dtype=np.float32).reshape(4, 1000)
+    copy = cuda_inputs.host_copy(buffer, CudaDriver(enabled=enabled, calls={}))
+    buffer[:] = -1  # the lane's next batch overwrites it
+    np.testing.assert_array_equal(copy, np.arange(4000, dtype=np.float32).reshape(4, 1000))
+    assert copy.dtype == np.float32 and copy.flags.writeable
+    # past the size held under the GIL (and not contiguous): numpy copies
+    monkeypatch.setattr(cuda_inputs, "HOLD_GIL_BYTES", 16)
+    np.testing.assert_array_equal(cuda_inputs.host_copy(buffer[:, ::2], CudaDriver(calls={})), buffer[:, ::2])
