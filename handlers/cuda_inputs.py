@@ -14,7 +14,9 @@ The copies are queued through the CUDA driver (:class:`CudaDriver`: ``cuMemcpyHt
 ``ctypes.PyDLL``), which keeps the GIL for the microseconds a queued copy takes; ``Tensor.copy_``
 releases and retakes it for each copy. Queuing a batch's ~18 copies beside a busy Python thread
 took 0.17 ms against 24 ms that way, but served throughput on an H200 did not move: the host's
-other threads mostly wait in I/O (benchmarks/RESULTS.md, sixteenth session).
+other threads mostly wait in I/O (benchmarks/RESULTS.md, sixteenth session). The runner
+(handlers.torch_common) queues the rest of a graphed batch through the same driver: the graph
+launch, the copies out and the event records.
 A copy the driver path cannot take (another dtype, a target that is not contiguous, no driver
 library, a call that fails) goes through ``Tensor.copy_`` as before.
 """
