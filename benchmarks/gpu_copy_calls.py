@@ -5,7 +5,7 @@ A CUDA host queues one copy per call of rows (``handlers/cuda_inputs.py``), ~18 
 ``Tensor.copy_`` releases the GIL and takes it back, and beside the launching thread the host's
 I/O and answer threads want it too. This script times queuing N such copies (one 150 KB image
 each, from registered memory) with ``torch`` (``Tensor.copy_``) and with the copy call of
-``handlers/cuda_inputs.py`` (the driver's ``cuMemcpyHtoDAsync`` through ``ctypes.PyDLL``, which
+``handlers/cuda_driver.py`` (the driver's ``cuMemcpyHtoDAsync`` through ``ctypes.PyDLL``, which
 keeps the GIL), while 0, 1 or 2 other Python threads run: ``spin`` (pure Python, as the answer
 thread converting outputs) and ``io`` (a socket ping-pong, as the I/O thread).
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from handlers import cuda_inputs
+    from handlers import cuda_driver
     from handlers.host_memory import REGISTER_FLAGS
 
     if not torch.cuda.is_available():
@@ -80,7 +80,7 @@ def main() -> None:
     parts = [host[i : i + args.rows] for i in range(0, rows, args.rows)]
     target = torch.empty((rows, *row), dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
-    copier = cuda_inputs.CudaDriver.load()
+    copier = cuda_driver.CudaDriver.load()
     print(f"driver copy: {'available' if copier else 'NOT available'}; {torch.cuda.get_device_name(0)}")
 
     def with_torch() -> None:

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import batch_totals, server_roles  # noqa: E402
-from handlers.torch_common import capture_graph  # noqa: E402
+from handlers.cuda_graphs import capture_graph  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
 from serving.http.timings import read_all as read_timings  # noqa: E402

@@ -14,8 +14,9 @@ from functools import partial
 
 import numpy as np
 
-from handlers.cuda_inputs import DRIVER, Lane, device_inputs, host_copy
-from handlers.host_memory import REGIONS
+from handlers.cuda_driver import DRIVER, host_copy
+from handlers.cuda_graphs import capture_graph, copied_out, launch_handle, record_event
+from handlers.cuda_inputs import Lane, device_inputs
 from serving.errors import BadRequest, ConfigError, InsufficientMemory
 from serving.types import Device, ModelConfig, Rows, Tensors
 
@@ -224,16 +225,16 @@ class TorchRunner:
                                 target.copy_(source)
                         if not (graph_exec and DRIVER.launch_graph(graph_exec, stream.cuda_stream)):
                             graph.replay()
-                        host = _copied_out(lane, key, outs, stream)
+                        host = copied_out(lane, key, outs, stream)
                     else:
                         out = self.fn(
                             *[self._cast(t) for t in device_inputs(lane, arrays, self.device, staging)]
                         )
                         outs, names = flatten_outputs(out), _names_for(out)
                         host = [t.to("cpu", non_blocking=True) for t in outs]
-                    _record(lane.done, stream)
+                    record_event(lane.done, stream)
                     if lane.spun is not None:
-                        _record(lane.spun, stream)
+                        record_event(lane.spun, stream)
             except BaseException:
                 self._lanes.put(lane)
                 raise
@@ -364,29 +365,6 @@ def _out_of_memory(device):
         ) from None
 
 
-def capture_graph(fn: Callable, static_in: list, device, pool=None) -> tuple:
-    """``(graph, outputs)``: ``fn(*static_in)`` warmed up on a side stream, then captured once.
-
-    Replaying the graph reruns ``fn`` on whatever ``static_in`` then holds, into ``outputs``.
-    ``pool``: share another graph's memory pool (safe for graphs never replayed at once whose
-    outputs are read before the next replay: a later replay may overwrite an earlier one's).
-    """
-    import torch
-
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*static_in)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    # no shared region is registered or retired meanwhile (calls a capture forbids); and calls
-    # another thread makes (another model's) do not invalidate this capture: thread_local
-    with REGIONS.capturing(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = fn(*static_in)
-    return graph, out
-
-
 def _float32_outputs(fn: Callable, *inputs):
     """``fn``'s outputs, floating ones as float32, named as ``fn``'s would be."""
     import torch
@@ -398,58 +376,6 @@ def _float32_outputs(fn: Callable, *inputs):
     if isinstance(out, dict):
         return {k: cast(v) for k, v in out.items()}
     return [cast(t) for t in flatten_outputs(out)]
-
-
-def launch_handle(graph, device) -> int:
-    """The captured graph's ``cudaGraphExec_t``, for launching it through the driver; 0 where
-    only torch's ``replay`` is right.
-
-    ``replay`` also moves the CUDA generator's offset on by what one run of the graph draws, so
-    a graph that draws random numbers keeps it: one replay here shows whether the offset moves.
-    0 too for a torch without ``raw_cuda_graph_exec``.
-    """
-    import torch
-
-    raw = getattr(graph, "raw_cuda_graph_exec", None)
-    if raw is None:
-        return 0
-    generator = torch.cuda.default_generators[device.index or 0]
-    before = generator.get_offset()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    return raw() if generator.get_offset() == before else 0
-
-
-def _copied_out(lane: Lane, key: tuple, outs: list, stream) -> list:
-    """A graph's outputs queued for copying to the host: with the driver path on, into the
-    lane's pinned buffers for ``key`` (made once), by the driver where it can (a contiguous
-    output), else by ``Tensor.copy_``; with it off, into new pinned tensors (``Tensor.to``).
-
-    The buffers are reused by the lane's next batch of that key, which the lane runs only after
-    this one was collected (and its outputs copied out of them: ``_to_numpy``).
-    """
-    import torch
-
-    if not DRIVER.can("dtoh"):
-        return [t.to("cpu", non_blocking=True) for t in outs]
-    buffers = lane.outputs.get(key)
-    if buffers is None:
-        buffers = lane.outputs[key] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outs]
-    for buffer, out in zip(buffers, outs, strict=True):
-        nbytes = out.numel() * out.element_size()
-        if not (
-            out.is_contiguous()
-            and DRIVER.device_to_host(buffer.data_ptr(), out.data_ptr(), nbytes, stream.cuda_stream)
-        ):
-            buffer.copy_(out, non_blocking=True)
-    return buffers
-
-
-def _record(event, stream) -> None:
-    """Record ``event`` on ``stream``: by the driver once torch has created the event."""
-    handle = getattr(event, "cuda_event", 0)
-    if not (handle and DRIVER.record(handle, stream.cuda_stream)):
-        event.record(stream)
 
 
 def release_cuda_memory() -> None:

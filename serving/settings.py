@@ -62,8 +62,8 @@ class Settings:
     # a CUDA host registers the frontends' shared regions, and copies requests from them to the
     # device (handlers.host_memory)
     ipc_pin: bool = True
-    # how a CUDA host queues its copies to the device: "driver" (cuMemcpyHtoDAsync, the GIL kept)
-    # or "torch" (Tensor.copy_, which hands the GIL over per copy) (handlers.cuda_inputs)
+    # how a CUDA host queues a batch's copies, graph launch and events: "driver" (through the
+    # CUDA driver, the GIL kept) or "torch" (which hands the GIL over per call) (handlers.cuda_driver)
     cuda_copy: str = "driver"
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 

@@ -178,9 +178,9 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _cuda_copies(host: Host) -> None:
-    """How a GPU host's CUDA runners queue their copies to the device (Settings.cuda_copy)."""
+    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch (Settings.cuda_copy)."""
     if host.device.kind == "cuda":
-        from handlers.cuda_inputs import DRIVER
+        from handlers.cuda_driver import DRIVER
 
         DRIVER.enabled = host.settings.cuda_copy == "driver"
 

@@ -89,7 +89,8 @@ def test_a_batch_built_in_the_staging_buffer_is_not_copied_into_it_again():
 # -- the driver's copies (CudaDriver), with a "driver" that copies between CPU buffers ----------
 import ctypes  # noqa: E402
 
-from handlers.cuda_inputs import CudaDriver, _pad, _RawTarget  # noqa: E402
+from handlers.cuda_driver import CudaDriver, RawTarget  # noqa: E402
+from handlers.cuda_inputs import _pad  # noqa: E402
 
 
 class FakeDriver:
@@ -110,7 +111,7 @@ class FakeDriver:
 def raw_run(parts, covered: set[int], driver: FakeDriver, dtype=np.float32):
     target = Target((sum(len(p) for p in parts), 3), torch.from_numpy(np.empty(0, dtype)).dtype)
     copier = CudaDriver(calls={"htod": driver})
-    raw = _RawTarget(copier, target.tensor.data_ptr(), tuple(target.tensor.shape), np.dtype(dtype), 7)
+    raw = RawTarget(copier, target.tensor.data_ptr(), tuple(target.tensor.shape), np.dtype(dtype), 7)
 
     def host():
         target.staging = torch.zeros(target.tensor.shape, dtype=target.tensor.dtype)
@@ -147,7 +148,7 @@ def test_a_part_of_another_dtype_goes_through_torch_which_casts_it():
 
 def test_rows_that_would_not_fit_the_target_are_never_given_to_the_driver():
     copier = CudaDriver(calls={"htod": FakeDriver()})
-    raw = _RawTarget(copier, 0, (4, 3), np.dtype(np.float32), 0)
+    raw = RawTarget(copier, 0, (4, 3), np.dtype(np.float32), 0)
     rows = np.zeros((2, 3), np.float32)
     assert not raw.put(3, rows)  # rows 3..4 of a 4-row target
     assert not raw.put(0, np.zeros((2, 4), np.float32))  # another row shape
@@ -187,7 +188,7 @@ def padded(rows: int, size: int, calls: dict):
     tensor = torch.full((size, 3), -1.0)
     tensor[:rows] = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
     copier = CudaDriver(calls=calls)
-    raw = _RawTarget(copier, tensor.data_ptr(), tuple(tensor.shape), np.dtype(np.float32), 0)
+    raw = RawTarget(copier, tensor.data_ptr(), tuple(tensor.shape), np.dtype(np.float32), 0)
     _pad(tensor, rows, raw)
     expected = torch.cat([tensor[:rows], tensor[rows - 1 : rows].expand(size - rows, 3)])
     torch.testing.assert_close(tensor, expected)
@@ -227,13 +228,13 @@ def test_padding_without_the_driver_is_one_torch_copy():
 
 @pytest.mark.parametrize("enabled", [True, False], ids=["driver", "torch"])
 def test_outputs_are_copied_out_of_the_reused_buffer_whichever_way(enabled, monkeypatch):
-    from handlers import cuda_inputs
+    from handlers import cuda_driver
 
     buffer = np.arange(4000, dtype=np.float32).reshape(4, 1000)
-    copy = cuda_inputs.host_copy(buffer, CudaDriver(enabled=enabled, calls={}))
+    copy = cuda_driver.host_copy(buffer, CudaDriver(enabled=enabled, calls={}))
     buffer[:] = -1  # the lane's next batch overwrites it
     np.testing.assert_array_equal(copy, np.arange(4000, dtype=np.float32).reshape(4, 1000))
     assert copy.dtype == np.float32 and copy.flags.writeable
     # past the size held under the GIL (and not contiguous): numpy copies
-    monkeypatch.setattr(cuda_inputs, "HOLD_GIL_BYTES", 16)
-    np.testing.assert_array_equal(cuda_inputs.host_copy(buffer[:, ::2], CudaDriver(calls={})), buffer[:, ::2])
+    monkeypatch.setattr(cuda_driver, "HOLD_GIL_BYTES", 16)
+    np.testing.assert_array_equal(cuda_driver.host_copy(buffer[:, ::2], CudaDriver(calls={})), buffer[:, ::2])

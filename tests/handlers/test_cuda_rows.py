@@ -89,7 +89,7 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
 @pytest.fixture(params=["driver", "torch"])
 def copies(request):
     """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``."""
-    from handlers.cuda_inputs import DRIVER
+    from handlers.cuda_driver import DRIVER
 
     was = DRIVER.enabled
     DRIVER.enabled = request.param == "driver"
@@ -134,7 +134,7 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
 def test_a_graph_that_draws_random_numbers_is_replayed_by_torch_never_by_the_driver(copies):
     # torch's replay moves the generator's offset on before each launch; launched by the driver
     # such a graph would draw the same numbers every time
-    from handlers.torch_common import capture_graph, launch_handle
+    from handlers.cuda_graphs import capture_graph, launch_handle
 
     device = torch.device("cuda", 0)
     x = torch.ones(4, 8, device=device)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from handlers.cuda_inputs import DRIVER
+from handlers.cuda_driver import DRIVER
 from serving.host.process import _cuda_copies
 from serving.settings import Settings
 
