@@ -348,7 +348,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 workers_ = [p for p in roles["frontend"] if p.ppid() != server.proc.pid]
                 targets = {"host": roles["host"][0]} | ({"frontend": workers_[0]} if workers_ else {})
                 for (role, proc), gil in itertools.product(targets.items(), (False, True)):
-                    name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{h2d}-{role}{'-gil' if gil else ''}.txt"
+                    name = f"profile-{label.replace('+', '-')}-{dtype}-hosts{hosts}-lanes{lanes}-{pipeline}-{h2d}-{role}{'-gil' if gil else ''}.txt"
                     # from the end of the load's warm-up to just before its end
                     spy = profile(proc.pid, max(1, duration - 1), profile_dir / name, gil,
                                   native=NATIVE_PROFILES, delay=TIMINGS_TICK_S + WARMUP_S + 0.5)  # fmt: skip

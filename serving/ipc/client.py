@@ -7,7 +7,10 @@ never waits for another's answer and answers can never be mixed up; the event-lo
 when its epoll says so. A call that times out or breaks closes its link: a late answer is
 dropped with the socket instead of reaching the next call.
 Large request buffers go through the link's shared region (protocol.SharedRegion), which is
-dropped with the link too.
+dropped with the link too. A link's region is made as large as the largest message any link of
+its :class:`HostClient` has sent so far: a CUDA host registers each region it is sent (pins it,
+and unregisters the one it replaces, waiting for the device), so links whose calls vary in size
+would otherwise keep replacing their regions, one power of two at a time, long into serving.
 """
 
 from __future__ import annotations
@@ -73,9 +76,11 @@ def check_reply(reply: dict) -> dict:
 class Link:
     """One connection to a host: send a message, then receive its answer, one at a time."""
 
-    __slots__ = ("sock", "reader", "region", "shm_min_bytes")
+    __slots__ = ("sock", "reader", "region", "shm_min_bytes", "largest")
 
-    def __init__(self, socket_path: str, shm_min_bytes: int | None):
+    def __init__(self, socket_path: str, shm_min_bytes: int | None, largest: list[int] | None = None):
+        """``largest``: a one-item list shared by a client's links, the bytes of the largest
+        message any of them placed in a region (a new region is made at least that large)."""
         sock = tune(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         try:
             sock.connect(socket_path)
@@ -86,6 +91,7 @@ class Link:
         self.reader = FrameReader()  # per connection: greenlets may share a thread
         self.region: SharedRegion | None = None
         self.shm_min_bytes = shm_min_bytes
+        self.largest = largest if largest is not None else [0]
 
     def send(self, header: dict, buffers: list) -> None:
         """Send one message; buffers from ``shm_min_bytes`` in total go through the region."""
@@ -95,11 +101,13 @@ class Link:
             send_message(self.sock, header, views)
             return
         offsets, end = shm_layout(sizes)
+        largest = self.largest
+        largest[0] = max(largest[0], end)
         region = self.region
         if region is None or region.size < end:
             if region is not None:
                 region.close()  # the host keeps its own mapping for as long as it needs it
-            region = self.region = SharedRegion(end)
+            region = self.region = SharedRegion(largest[0])
         region.place(views, offsets)
         send_message(self.sock, {**header, "shm": sizes}, fds=() if region.attached else [region.fd])
         region.attached = True
@@ -129,6 +137,7 @@ class HostClient:
         self._idle: list[Link] = []  # links of the event loop that have no call in flight
         self._outstanding = 0  # calls in flight from this process, for least-loaded routing
         self._lock = threading.Lock()
+        self._largest = [0]  # bytes of the largest message a link placed in its region (Link)
 
     @property
     def outstanding(self) -> int:
@@ -181,7 +190,7 @@ class HostClient:
     def _call(self, header: dict, buffers: list, deadline: float, remaining: float):
         link = getattr(self._local, "link", None)
         if link is None:
-            link = self._local.link = Link(self.socket_path, self.shm_min_bytes)
+            link = self._local.link = Link(self.socket_path, self.shm_min_bytes, self._largest)
         try:
             link.sock.settimeout(remaining)
             link.send({**header, "deadline": deadline}, buffers)
@@ -226,7 +235,7 @@ class HostClient:
         """
         if self._idle:
             return self._idle.pop()
-        link = Link(self.socket_path, self.shm_min_bytes)
+        link = Link(self.socket_path, self.shm_min_bytes, self._largest)
         link.sock.setblocking(False)
         return link
 

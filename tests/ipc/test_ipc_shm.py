@@ -228,6 +228,23 @@ def test_the_host_is_told_of_each_region_and_of_the_end_of_its_use(observed_host
     assert len(mapped) == 2
 
 
+def test_a_new_link_gets_a_region_as_large_as_the_largest_message_its_client_sent(observed_host):
+    # a CUDA host registers each region: links that each grew their own, one power of two at a
+    # time, kept it registering and retiring regions long into serving
+    path, events, mapped, _ = observed_host
+    client = HostClient(path)
+    large = image(1, (12, 3, 224, 224))  # 1.7 MiB: a 2 MiB region
+    assert ask(client, large)["sum"][0] == large.astype(np.int64).sum()
+    small = image(2)  # 196 KiB, on a second thread's (a second) link
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(ask, client, small).result()["sum"][0] == small.astype(np.int64).sum()
+    assert [e for e in events if e[0] == "mapped"] == [("mapped", 0), ("mapped", 1)]
+    assert len(mapped[0]) == len(mapped[1]) == 2 << 20
+    fresh = HostClient(path)  # another client's links start small
+    assert ask(fresh, small)["sum"][0] == small.astype(np.int64).sum()
+    assert len(mapped[2]) == 1 << 20
+
+
 def test_a_region_is_released_only_after_the_reply_its_connection_still_owes(observed_host):
     path, events, _, finish = observed_host
     client = HostClient(path)
