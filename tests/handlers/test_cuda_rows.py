@@ -184,3 +184,55 @@ def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     check_answers(batcher, model, plain, futures)
     assert "Rows" in launches and len(launches) < len(xs)  # batched, and handed over unjoined
     handler.unload()
+
+
+class Prefetching:
+    """A batcher whose requests' rows are queued for the device as they are submitted, as the
+    host does (``Handler.prefetch`` before ``Batcher.submit``)."""
+
+    def __init__(self, batcher, handler):
+        self.batcher, self.handler = batcher, handler
+
+    def submit(self, inputs, deadline):
+        return self.batcher.submit(self.handler.prefetch(inputs), deadline)
+
+
+@pytest.mark.parametrize("ring_batches", [4, 1], ids=["ring", "small-ring"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_requests_copied_to_the_device_as_they_arrive_each_get_their_own_answer(
+    tmp_path, regions, depth, ring_batches, monkeypatch
+):
+    # every request's rows go to a device ring when submitted, and the batch is gathered there;
+    # with a ring of one batch its space is taken by later requests while earlier ones are still
+    # queued or launched, so an entry reused too early would mix answers up
+    from handlers import cuda_prefetch
+    from serving.batching import Batcher, BatchPolicy
+
+    monkeypatch.setattr(cuda_prefetch, "RING_BATCHES", ring_batches)
+    before = dict(cuda_prefetch.TOTALS)
+    model = Deep(256, 20).eval()
+    torch.jit.script(model).save(str(tmp_path / "deep.pt"))
+    sizes = (1, 2, 4, 8, 16, 32)
+    handler = loaded(
+        tmp_path / "deep.pt", ModelConfig(cuda_graphs=True, batch_sizes=sizes, pipeline_depth=depth)
+    )
+    assert handler.runner._prefetch is not None
+    handler.warmup(list(sizes))  # makes the ring (on the batcher's side, as the host's warm-up does)
+    policy = BatchPolicy(max_batch_size=32, batch_sizes=sizes, max_queue=4096)
+    batcher = Batcher(handler.predict, policy, launch=handler.launch, depth=depth, gather=True)
+    plain = [
+        np.random.default_rng(seed).standard_normal((1 + seed % 3, 256)).astype(np.float32)
+        for seed in range(600)
+    ]
+    region, views = in_region(plain[::2])  # every other request in registered memory
+    assert regions(region) is not None
+    xs = [views[i // 2] if i % 2 == 0 else x for i, x in enumerate(plain)]
+    futures = submit_from_threads(Prefetching(batcher, handler), xs)
+    check_answers(batcher, model, plain, futures)
+    copied = cuda_prefetch.TOTALS["copied"] - before["copied"]
+    read = cuda_prefetch.TOTALS["read"] - before["read"]
+    assert 0 < copied <= 300  # only the registered ones
+    assert 0 < read
+    if ring_batches == 1:  # 32 rows: some requests found the ring's space still being read
+        assert cuda_prefetch.TOTALS["full"] > before["full"] or read < copied
+    handler.unload()
