@@ -7,9 +7,13 @@ I/O and answer threads want it too. This script times queuing N such copies (one
 each, from registered memory) with ``torch`` (``Tensor.copy_``) and with the copy call of
 ``handlers/cuda_driver.py`` (the driver's ``cuMemcpyHtoDAsync`` through ``ctypes.PyDLL``, which
 keeps the GIL), while 0, 1 or 2 other Python threads run: ``spin`` (pure Python, as the answer
-thread converting outputs) and ``io`` (a socket ping-pong, as the I/O thread).
+thread converting outputs) and ``io`` (a socket ping-pong, as the I/O thread); and while the
+device computes (``gpu``: ~20 ms of matrix products queued on another stream just before), with
+another thread asleep in a blocking-sync event wait for that compute (``gpu+wait``, as the
+batcher waits for the batch on the device while copies for the next are queued beside it).
+``--memfd``: the rows lie in a memfd mapped read-only, as a host maps a frontend's region.
 
-Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5]``
+Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5] [--memfd]``
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--switch-ms", type=float, default=0.5,
                         help="the interpreter's switch interval; 0.5 as a model host sets it (Python's own: 5)")  # fmt: skip
+    parser.add_argument("--memfd", action="store_true", help="rows in a read-only memfd mapping")
     args = parser.parse_args()
     sys.setswitchinterval(args.switch_ms / 1000)
 
@@ -74,8 +79,20 @@ def main() -> None:
     rows = args.parts * args.rows
     torch.zeros(1, device=device)
     cudart = torch.cuda.cudart()
-    host = np.empty((rows, *row), np.uint8)
-    host[:] = np.arange(rows, dtype=np.uint8)[:, None, None, None]
+    values = np.broadcast_to(np.arange(rows, dtype=np.uint8)[:, None, None, None], (rows, *row))
+    if args.memfd:  # as a host maps a frontend's region: read-only
+        import mmap
+        import os
+
+        fd = os.memfd_create("copy-calls")
+        os.ftruncate(fd, values.nbytes)
+        with mmap.mmap(fd, values.nbytes) as writer:
+            writer[:] = values.tobytes()
+        mapping = mmap.mmap(fd, values.nbytes, prot=mmap.PROT_READ)
+        os.close(fd)
+        host = np.frombuffer(mapping, np.uint8).reshape(rows, *row)
+    else:
+        host = np.ascontiguousarray(values)
     assert int(cudart.cudaHostRegister(host.ctypes.data, host.nbytes, REGISTER_FLAGS)) == 0
     parts = [host[i : i + args.rows] for i in range(0, rows, args.rows)]
     target = torch.empty((rows, *row), dtype=torch.uint8, device=device)
@@ -103,10 +120,33 @@ def main() -> None:
     print(f"{args.parts} copies of {args.rows} rows ({host[0].nbytes * args.rows // 1024} KB each) per batch, "
           f"CPU microseconds to queue them, median (p90) of {args.repeats}, switch interval {args.switch_ms} ms")  # fmt: skip
     print(f"{'others':<12}" + "".join(f"{name:>24}" for name in ways))
-    for others in ("none", "spin", "spin+io", "io"):
+    busy = torch.cuda.Stream(device)
+    square = torch.randn(4096, 4096, device=device)
+    waits: list = []  # events a waiter thread sleeps on (gpu+wait)
+
+    def occupy() -> None:
+        """~20 ms of compute on another stream, and (gpu+wait) a thread asleep until it ends."""
+        with torch.cuda.stream(busy):
+            for _ in range(8):
+                torch.mm(square, square)
+            done = torch.cuda.Event(blocking=True)
+            done.record(busy)
+        if waits is not None:
+            waits.append(done)
+            time.sleep(0.001)  # the waiter is inside the wait
+
+    def _waiter(stop: threading.Event) -> None:
+        while not stop.is_set():
+            if waits:
+                waits.pop().synchronize()
+            else:
+                time.sleep(0.0001)
+
+    for others in ("none", "spin", "spin+io", "io", "gpu", "gpu+wait"):
         stop = threading.Event()
-        threads = [threading.Thread(target={"spin": _spin, "io": _io}[k], args=(stop,), daemon=True)
-                   for k in others.split("+") if k != "none"]  # fmt: skip
+        threads = [threading.Thread(target={"spin": _spin, "io": _io, "wait": _waiter}[k], args=(stop,), daemon=True)
+                   for k in others.split("+") if k not in ("none", "gpu")]  # fmt: skip
+        waits = [] if "wait" in others else None
         for t in threads:
             t.start()
         cells = []
@@ -116,10 +156,12 @@ def main() -> None:
                 for _ in range(args.repeats):
                     target.zero_()
                     stream.synchronize()
+                    if others.startswith("gpu"):
+                        occupy()
                     start = time.perf_counter()
                     way()
                     times.append((time.perf_counter() - start) * 1e6)
-                    stream.synchronize()
+                    torch.cuda.synchronize(device)
                 assert torch.equal(target.cpu(), torch.from_numpy(host)), name
                 times.sort()
                 cells.append(f"{statistics.median(times):>12.0f} ({times[int(len(times) * 0.9)]:>6.0f})")

@@ -326,9 +326,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         # on: the hosts register the frontends' shared regions with CUDA and copy from them
         "ONEBOX_IPC_PIN": "true" if pin == "on" else "false",
         # driver: the hosts queue copies, graph launches and events through the driver, GIL held
-        "ONEBOX_CUDA_COPY": "torch" if h2d == "torch" else "driver",
-        # prefetch: each request's rows are queued for the device as it arrives (driver path)
-        "ONEBOX_CUDA_PREFETCH": "true" if h2d == "prefetch" else "false",
+        "ONEBOX_CUDA_COPY": h2d,
     }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals); timings: the frontends' sums
     results = {}
 
@@ -368,7 +366,6 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             window = time.perf_counter() - window
             pinned, pin_failures = ran["pinned_regions"], ran["pin_failures"]
             ran.subtract(before)
-            prefetched = {key: ran[f"prefetch_{key}"] for key in ("copied", "read", "full")}
             batches = ran["batches"] or 1
             timeline = host_timeline(ran, window, hosts)
             time.sleep(TIMINGS_TICK_S)
@@ -398,7 +395,6 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 "host_timeline": timeline,
                 "pinned_regions": pinned,
                 "pin_failures": pin_failures,
-                "prefetched": prefetched,
             }
             for spy in spies:
                 spy.wait(60)
@@ -415,9 +411,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 " the hosts' time\n        frontends, per request: wait {wait_ms:.2f} ms, at the host {host_ms:.2f} ms"
                 " (back {back_ms:.2f} ms),"
                 " answer {answer_ms_front:.2f} ms; client and transfer {turnaround_ms:.2f} ms;"
-                " {pinned} regions registered ({failures} refused); prefetched {copied} inputs, {read} parts"
-                " read from the ring, {full} not queued (ring busy)".format(
-                    **timeline, pinned=pinned, failures=pin_failures, **prefetched
+                " {pinned} regions registered ({failures} refused)".format(
+                    **timeline, pinned=pinned, failures=pin_failures
                 ),
                 flush=True,
             )
@@ -495,9 +490,7 @@ def main(argv=None) -> int:
                              "requests from them (ONEBOX_IPC_PIN); off: joined on the host, e.g. on,off")  # fmt: skip
     parser.add_argument("--h2d", type=lambda t: t.split(","), default=["driver"],
                         help="how hosts queue a batch's CUDA work (ONEBOX_CUDA_COPY): driver (copies, graph "
-                             "launch, copies out and events through the driver, GIL held), prefetch (the driver, "
-                             "and each request's rows copied to the device as it arrives: ONEBOX_CUDA_PREFETCH) "
-                             "or torch, e.g. prefetch,driver")  # fmt: skip
+                             "launch, copies out and events through the driver, GIL held) or torch, e.g. driver,torch")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",

@@ -166,9 +166,6 @@ def batch_totals(run_dir: Path, model: str = "model") -> Counter:
         # frontend regions the host's device copies from (a CUDA host: handlers.host_memory)
         totals["pinned_regions"] += reply.get("pinned", {}).get("regions", 0)
         totals["pin_failures"] += reply.get("pinned", {}).get("failures", 0)
-        # request inputs copied to the device as they arrived, and batch parts read from there
-        for key, count in reply.get("prefetched", {}).items():
-            totals[f"prefetch_{key}"] += count
         totals.update(
             {key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests", "arrivals")}
         )

@@ -75,11 +75,6 @@ class Handler(abc.ABC):
         outputs = self.predict(inputs)
         return lambda: outputs
 
-    def prefetch(self, inputs: Tensors) -> Tensors:
-        """A request's inputs as they arrive, before they are queued: the handler may start
-        copying them to its device now (the CUDA torch handlers do). Returns what to queue."""
-        return inputs
-
     def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """An array to assemble the next batch's input ``name`` in (pinned memory, say), or None.
 

@@ -26,9 +26,6 @@ _CALLS = {
     "dtod": ("cuMemcpyDtoDAsync_v2", (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)),
     "graph": ("cuGraphLaunch", (ctypes.c_void_p, ctypes.c_void_p)),
     "event": ("cuEventRecord", (ctypes.c_void_p, ctypes.c_void_p)),
-    "wait": ("cuStreamWaitEvent", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)),
-    "context": ("cuCtxGetCurrent", (ctypes.POINTER(ctypes.c_void_p),)),
-    "use_context": ("cuCtxSetCurrent", (ctypes.c_void_p,)),
 }
 
 
@@ -46,8 +43,7 @@ class CudaDriver:
     """
 
     def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
-        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``, ``wait``,
-        ``context``, ``use_context``) -> a function
+        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``) -> a function
         returning a ``CUresult``, instead of the driver's (tests give ones that copy between
         CPU buffers); a name left out is not queued by the driver."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
@@ -112,22 +108,6 @@ class CudaDriver:
     def record(self, event: int, stream: int) -> bool:
         """Record an event (a ``cudaEvent_t`` torch created) on ``stream``."""
         return self._queue("event", event, stream, count="launched")
-
-    def wait(self, stream: int, event: int) -> bool:
-        """Make ``stream`` wait for the work queued before ``event``'s last record."""
-        return self._queue("wait", stream, event, 0, count="launched")
-
-    def context(self) -> int:
-        """The calling thread's current CUDA context (a ``CUcontext``), 0 for none or unknown."""
-        if not self.can("context"):
-            return 0
-        handle = ctypes.c_void_p()
-        return (handle.value or 0) if self._calls["context"](ctypes.byref(handle)) == 0 else 0
-
-    def use_context(self, context: int) -> bool:
-        """Make ``context`` current on the calling thread (a thread that never ran CUDA work
-        has none, and the driver refuses its calls)."""
-        return self._queue("use_context", context, count="launched")
 
     def _queue(self, name: str, *args, count: str = "queued") -> bool:
         if not self.can(name):  # off, or turned off by a failure earlier in this batch

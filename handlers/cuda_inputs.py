@@ -21,7 +21,6 @@ from collections.abc import Callable
 import numpy as np
 
 from handlers.cuda_driver import DRIVER, CudaDriver, RawTarget
-from handlers.cuda_prefetch import Prefetcher
 from handlers.host_memory import REGIONS, PinnedRegions
 from serving.types import Rows
 
@@ -38,7 +37,7 @@ class Lane:
     """
 
     __slots__ = (
-        "stream", "staging", "graphs", "pool", "done", "spun", "copy_stream", "copied", "inputs", "outputs", "read",
+        "stream", "staging", "graphs", "pool", "done", "spun", "copy_stream", "copied", "inputs", "outputs",
     )  # fmt: skip
 
     def __init__(self, stream, pool, done, copy_stream=None, copied=None, spun=None):
@@ -56,8 +55,6 @@ class Lane:
         self.inputs: dict[tuple, object] = {}
         # pinned host buffers a graph's outputs are copied into, per graph key (driver path)
         self.outputs: dict[tuple, list] = {}
-        # prefetched entries its batch in flight reads (handlers.cuda_prefetch), released on collect
-        self.read: list = []
 
 
 def device_inputs(
@@ -68,17 +65,13 @@ def device_inputs(
     into: list | None = None,
     regions: PinnedRegions = REGIONS,
     driver: CudaDriver | None = DRIVER,
-    prefetch: Prefetcher | None = None,
-    readers: list | None = None,
 ) -> list:
     """Each of ``arrays`` (numpy arrays or Rows) on the device, padded rows included.
 
     Copied into ``into`` when given (a captured graph's static inputs), else into the lane's own
     buffers. A lane with a copy stream (one of the twins that share a stream and graphs) copies
     there, into its own buffers, and the current stream waits for an event; otherwise the copies
-    are queued on the current (the lane's) stream, which no other batch uses meanwhile.
-    Rows ``prefetch`` already copied to the device are copied from there; the entries read are
-    added to ``readers``, for :meth:`Prefetcher.release` once the batch is collected."""
+    are queued on the current (the lane's) stream, which no other batch uses meanwhile."""
     import contextlib
 
     import torch
@@ -94,13 +87,12 @@ def device_inputs(
     with (
         torch.cuda.stream(side) if side is not None else contextlib.nullcontext(),
         regions.holding() as covers,
-        _reading(prefetch, device, readers) as source,
     ):
         for slot, (array, target) in enumerate(zip(arrays, targets, strict=True)):
             parts, rows = (array.parts, array.rows) if isinstance(array, Rows) else ([array], len(array))
             raw = driver.target(target) if driver is not None else None
             _copy_parts(
-                parts, target, covers, lambda slot=slot, a=array: staging(slot, a.shape, a.dtype), raw, source
+                parts, target, covers, lambda slot=slot, a=array: staging(slot, a.shape, a.dtype), raw
             )
             if rows < len(target):  # padding: the last real row again
                 _pad(target, rows, raw)
@@ -111,60 +103,30 @@ def device_inputs(
     return [t.reshape(()) if scalar else t for t, scalar in zip(targets, scalars, strict=True)]
 
 
-def _reading(prefetch: Prefetcher | None, device, readers: list | None):
-    """``prefetch.reading`` on the current stream, or a context that finds nothing prefetched."""
-    import contextlib
-
-    if prefetch is None:
-        return contextlib.nullcontext(None)
-    import torch
-
-    return prefetch.reading(torch.cuda.current_stream(device).cuda_stream, readers)
-
-
 def _copy_parts(
     parts: list,
     target,
     covers: Callable[[np.ndarray], bool],
     host: Callable[[], object],
     raw: RawTarget | None = None,
-    source: Callable[[np.ndarray], int | None] | None = None,
 ) -> None:
     """Queue the copies of ``parts`` (end to end) into the device tensor ``target``: by the
     driver into ``raw`` (``target`` as :meth:`CudaDriver.target` gave it) where it can, else by
-    ``Tensor.copy_``. ``source(part)``: where a part's rows already lie on the device (a
-    prefetch ring: handlers.cuda_prefetch), or None; such parts are copied on the device, one
-    copy per run of them that lie end to end there."""
+    ``Tensor.copy_``."""
     import torch
 
     staged = None  # the pinned staging tensor and its numpy view, once a part needs it
     run = None  # first row of the staged rows not copied yet
-    ahead: list = []  # a run of parts lying end to end in a ring: [first row, address, bytes, parts]
     at = 0
     for part in parts:
         count = len(part)
-        address = (
-            source(part)
-            if source is not None
-            and raw is not None
-            and part.dtype == raw.dtype
-            and part.shape[1:] == raw.row_shape
-            else None
-        )
-        if address is not None or covers(part):
+        if covers(part):
             if run is not None:
                 if raw is None or not raw.put(run, staged[1][run:at]):
                     target[run:at].copy_(staged[0][run:at], non_blocking=True)
                 run = None
-            if address is not None:
-                if ahead and ahead[1] + ahead[2] == address:
-                    ahead[2] += part.nbytes
-                    ahead[3].append(part)
-                else:
-                    _copy_ahead(ahead, target, raw)
-                    ahead = [at, address, part.nbytes, [part]]
-            elif raw is None or not raw.put(at, part):
-                target[at : at + count].copy_(torch.from_numpy(np.asarray(part)), non_blocking=True)
+            if raw is None or not raw.put(at, part):
+                target[at : at + count].copy_(torch.from_numpy(part), non_blocking=True)
         else:
             if staged is None:
                 tensor = host()
@@ -174,25 +136,8 @@ def _copy_parts(
                 np.copyto(view, part, casting="same_kind")  # unless the part was built there
             run = at if run is None else run
         at += count
-    _copy_ahead(ahead, target, raw)
     if run is not None and (raw is None or not raw.put(run, staged[1][run:at])):
         target[run:at].copy_(staged[0][run:at], non_blocking=True)
-
-
-def _copy_ahead(ahead: list, target, raw: RawTarget) -> None:
-    """A run of parts from a prefetch ring into ``target``, one device copy (each part from the
-    host, where it also lies, registered, if the driver refuses it)."""
-    if not ahead:
-        return
-    first, address, nbytes, parts = ahead
-    if raw.copier.device_to_device(raw.address + first * raw.row_bytes, address, nbytes, raw.stream):
-        return
-    import torch
-
-    for part in parts:
-        if not raw.put(first, part):
-            target[first : first + len(part)].copy_(torch.from_numpy(np.asarray(part)), non_blocking=True)
-        first += len(part)
 
 
 def _pad(target, rows: int, raw: RawTarget | None) -> None:

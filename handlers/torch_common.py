@@ -17,13 +17,25 @@ import numpy as np
 from handlers.cuda_driver import DRIVER, host_copy
 from handlers.cuda_graphs import capture_graph, copied_out, launch_handle, record_event
 from handlers.cuda_inputs import Lane, device_inputs
-from handlers.cuda_prefetch import Prefetcher, make_rings
 from serving.errors import BadRequest, ConfigError, InsufficientMemory
 from serving.types import Device, ModelConfig, Rows, Tensors
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# torch.export serialises ScalarType as integers (torch/_export/serde/schema.py).
+EXPORT_DTYPES = {
+    1: "uint8",
+    2: "int8",
+    3: "int16",
+    4: "int32",
+    5: "int64",
+    6: "float16",
+    7: "float32",
+    8: "float64",
+    12: "bool",
+    13: "bfloat16",
+}
 
 
 def torch_device(device: Device):
@@ -146,8 +158,6 @@ class TorchRunner:
         self._lane = lanes[0] if len(lanes) == 1 else None
         self._captured: set[tuple] = set()  # shapes captured in every lane
         self._capture_lock = threading.Lock()
-        # requests' rows queued for the device as they arrive (prefetch), gathered there at launch
-        self._prefetch = Prefetcher.for_device(self.device) if self.cuda else None
 
     def __call__(self, inputs: Tensors) -> Tensors:
         """Run one batch; outputs are named by :func:`output_names` unless the model returns a dict."""
@@ -159,14 +169,6 @@ class TorchRunner:
         with torch.inference_mode():
             out = self.fn(*[self._cast(torch.from_numpy(a)) for a in arrays])
             return self._to_numpy(flatten_outputs(out), _names_for(out))
-
-    def prefetch(self, inputs: Tensors) -> Tensors:
-        """``inputs`` with each array whose rows could be queued for the device now (a request
-        just arrived: handlers.cuda_prefetch) as a view that carries its copy; as they are otherwise."""
-        prefetch = self._prefetch
-        if prefetch is None:
-            return inputs
-        return {name: prefetch.prefetch(a) if name in self.input_names else a for name, a in inputs.items()}
 
     def launch(self, inputs: Tensors) -> Callable[[], Tensors]:
         """Start one batch on the GPU; the returned function waits for it and gives its outputs.
@@ -184,12 +186,9 @@ class TorchRunner:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise BadRequest(f"missing input(s) {missing}; the model takes {self.input_names}")
-        # Rows stay unjoined on CUDA (their parts are copied one by one), and so do prefetched
-        # views (their rows are on the device already); elsewhere they join here
+        # Rows stay unjoined on CUDA (their parts are copied one by one); elsewhere they join here
         return [
-            inputs[n]
-            if self.cuda and (isinstance(inputs[n], Rows) or getattr(inputs[n], "entry", None) is not None)
-            else np.ascontiguousarray(inputs[n])
+            inputs[n] if self.cuda and isinstance(inputs[n], Rows) else np.ascontiguousarray(inputs[n])
             for n in self.input_names
         ]
 
@@ -210,38 +209,34 @@ class TorchRunner:
                     graphed = False
                 else:
                     self._capture_everywhere(key, arrays)
-            if self._prefetch is not None:
-                make_rings(self._prefetch, arrays, self.device, max(self.graph_sizes, default=0))
             lane = self._lanes.get()
             self._launches += 1
             try:
                 with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
-                    # each request's rows from where they lie, or from the prefetch ring
-                    copy_in = partial(
-                        device_inputs, lane, staging=partial(self._staging, lane), prefetch=self._prefetch,
-                        readers=lane.read,
-                    )  # fmt: skip
+                    staging = partial(self._staging, lane)
                     stream = torch.cuda.current_stream(self.device)  # the lane's
                     if graphed:
                         static_in, outs, graph, names, graph_exec = lane.graphs[key]
                         if lane.copy_stream is None:  # straight into the graph's inputs
-                            copy_in(arrays, self.device, into=static_in)
+                            device_inputs(lane, arrays, self.device, staging, into=static_in)
                         else:  # a twin's own buffers, then into the graph's inputs on the device
-                            inputs = copy_in(arrays, self.device)
+                            inputs = device_inputs(lane, arrays, self.device, staging)
                             for target, source in zip(static_in, inputs, strict=True):
                                 target.copy_(source)
                         if not (graph_exec and DRIVER.launch_graph(graph_exec, stream.cuda_stream)):
                             graph.replay()
                         host = copied_out(lane, key, outs, stream)
                     else:
-                        out = self.fn(*[self._cast(t) for t in copy_in(arrays, self.device)])
+                        out = self.fn(
+                            *[self._cast(t) for t in device_inputs(lane, arrays, self.device, staging)]
+                        )
                         outs, names = flatten_outputs(out), _names_for(out)
                         host = [t.to("cpu", non_blocking=True) for t in outs]
                     record_event(lane.done, stream)
                     if lane.spun is not None:
                         record_event(lane.spun, stream)
             except BaseException:
-                self._abandon(lane)
+                self._lanes.put(lane)
                 raise
         return partial(self._collect, lane, stream, host, names, rows)
 
@@ -254,15 +249,7 @@ class TorchRunner:
                 self._wait(lane, stream, rows)
                 return self._to_numpy(host, names)
         finally:
-            if self._prefetch is not None:
-                self._prefetch.release(lane.read)
             self._lanes.put(lane)
-
-    def _abandon(self, lane: Lane) -> None:
-        """A launch failed: its lane is free again, once the ring entries it read are let go."""
-        if self._prefetch is not None:
-            self._prefetch.abandon(lane.read, lane.stream or self.device)
-        self._lanes.put(lane)
 
     def _capture_everywhere(self, key: tuple, arrays: list[np.ndarray]) -> None:
         """Capture a graph for these shapes in every lane, while no lane runs a batch."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from handlers.base import Handler
 from handlers.torch_common import (
+    EXPORT_DTYPES,
     TorchRunner,
     compute_dtype,
     output_names,
@@ -21,19 +22,6 @@ from handlers.torch_common import (
 from handlers.torch_signature import check_batch
 from serving.types import Artifact, BatchMode, Device, ModelConfig, Signature, Tensors, TensorSpec
 
-# torch.export serialises ScalarType as integers (torch/_export/serde/schema.py).
-EXPORT_DTYPES = {
-    1: "uint8",
-    2: "int8",
-    3: "int16",
-    4: "int32",
-    5: "int64",
-    6: "float16",
-    7: "float32",
-    8: "float64",
-    12: "bool",
-    13: "bfloat16",
-}
 _SYMBOL = re.compile(r"Symbol\('(\w+)'")
 
 
@@ -123,10 +111,6 @@ class TorchExportHandler(Handler):
         """Start the program on one batch (on CUDA without waiting for it)."""
         check_batch(self.signature, inputs)
         return self.runner.launch(inputs)
-
-    def prefetch(self, inputs: Tensors) -> Tensors:
-        """On CUDA, the inputs with their rows queued for the device as they arrive."""
-        return self.runner.prefetch(inputs)
 
     def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """The runner's pinned staging buffer to assemble the next batch in (CUDA, one lane)."""

@@ -57,10 +57,6 @@ class TorchScriptHandler(Handler):
         """Start ``forward`` on one batch (on CUDA without waiting for it)."""
         return self.runner.launch(inputs)
 
-    def prefetch(self, inputs: Tensors) -> Tensors:
-        """On CUDA, the inputs with their rows queued for the device as they arrive."""
-        return self.runner.prefetch(inputs)
-
     def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """The runner's pinned staging buffer to assemble the next batch in (CUDA, one lane)."""
         return self.runner.input_buffer(name, shape, dtype)

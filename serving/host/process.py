@@ -114,9 +114,6 @@ class Host:
             reply: dict = {"models": self.batch_stats()}
             if self.pinned is not None:  # how many frontend regions the device copies from
                 reply["pinned"] = {"regions": self.pinned.count, "failures": self.pinned.failures}
-            prefetch = sys.modules.get("handlers.cuda_prefetch") if self.device.kind == "cuda" else None
-            if prefetch is not None:  # request inputs queued for the device ahead, parts read there
-                reply["prefetched"] = dict(prefetch.TOTALS)
             return reply, []
         if op == "load":
             model = self.registry.load(header["model"], Path(header["path"]))
@@ -181,14 +178,11 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _cuda_copies(host: Host) -> None:
-    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch
-    (Settings.cuda_copy), and whether requests' rows go to the device as they arrive (cuda_prefetch)."""
+    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch (Settings.cuda_copy)."""
     if host.device.kind == "cuda":
-        from handlers import cuda_prefetch
         from handlers.cuda_driver import DRIVER
 
         DRIVER.enabled = host.settings.cuda_copy == "driver"
-        cuda_prefetch.ENABLED = DRIVER.enabled and host.settings.cuda_prefetch
 
 
 def _pinning(host: Host):

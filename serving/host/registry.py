@@ -215,8 +215,7 @@ class ModelRegistry:
         model = self.get(name)
         if model.handler.raw:
             raise BadRequest(f"model {name!r} takes raw request bodies")
-        # the handler may start the rows' copy to its device now, while earlier batches run
-        inputs = model.handler.prefetch(conform_inputs(inputs, model.handler.signature))
+        inputs = conform_inputs(inputs, model.handler.signature)
         capped = _model_deadline(model, deadline)
         # run on this thread only where the frontend's own deadline covers a slow call; a model
         # timeout shorter than the request's must be enforced here, by waiting on the future

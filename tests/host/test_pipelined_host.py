@@ -37,9 +37,6 @@ class DeviceLike:
         self.staging: dict[tuple, np.ndarray] = {}
         self.launched: list[int] = []
 
-    def prefetch(self, inputs):  # Handler's default: nothing queued ahead
-        return inputs
-
     def input_buffer(self, name, shape, dtype):
         return self.staging.setdefault((name, shape, np.dtype(dtype).str), np.empty(shape, dtype))
 
