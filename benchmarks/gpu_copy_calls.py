@@ -8,7 +8,7 @@ each, from registered memory) with ``torch`` (``Tensor.copy_``) and with the cop
 ``handlers/cuda_driver.py`` (the driver's ``cuMemcpyHtoDAsync`` through ``ctypes.PyDLL``, which
 keeps the GIL), while 0, 1 or 2 other Python threads run: ``spin`` (pure Python, as the answer
 thread converting outputs) and ``io`` (a socket ping-pong, as the I/O thread); and while the
-device computes (``gpu``: ~20 ms of matrix products queued on another stream just before), with
+device computes (``gpu``: 8 large matrix products queued on another stream just before), with
 another thread asleep in a blocking-sync event wait for that compute (``gpu+wait``, as the
 batcher waits for the batch on the device while copies for the next are queued beside it).
 ``--memfd``: the rows lie in a memfd mapped read-only, as a host maps a frontend's region.
@@ -122,16 +122,17 @@ def main() -> None:
     print(f"{'others':<12}" + "".join(f"{name:>24}" for name in ways))
     busy = torch.cuda.Stream(device)
     square = torch.randn(4096, 4096, device=device)
-    waits: list = []  # events a waiter thread sleeps on (gpu+wait)
+    waits: list = []  # events the waiter thread sleeps on (gpu+wait)
 
-    def occupy() -> None:
-        """~20 ms of compute on another stream, and (gpu+wait) a thread asleep until it ends."""
+    def occupy(wait: bool) -> None:
+        """8 products of 4096x4096 float32 matrices (~1.1 TFLOP) queued on another stream; with
+        ``wait``, the waiter thread asleep until they end."""
         with torch.cuda.stream(busy):
             for _ in range(8):
                 torch.mm(square, square)
             done = torch.cuda.Event(blocking=True)
             done.record(busy)
-        if waits is not None:
+        if wait:
             waits.append(done)
             time.sleep(0.001)  # the waiter is inside the wait
 
@@ -146,7 +147,6 @@ def main() -> None:
         stop = threading.Event()
         threads = [threading.Thread(target={"spin": _spin, "io": _io, "wait": _waiter}[k], args=(stop,), daemon=True)
                    for k in others.split("+") if k not in ("none", "gpu")]  # fmt: skip
-        waits = [] if "wait" in others else None
         for t in threads:
             t.start()
         cells = []
@@ -157,7 +157,7 @@ def main() -> None:
                     target.zero_()
                     stream.synchronize()
                     if others.startswith("gpu"):
-                        occupy()
+                        occupy(wait="wait" in others)
                     start = time.perf_counter()
                     way()
                     times.append((time.perf_counter() - start) * 1e6)

@@ -51,8 +51,8 @@ MAX_BATCH = 128
 # py-spy with native (C/C++) frames as well, for a host whose time is inside a compiled runtime
 NATIVE_PROFILES = os.environ.get("ONEBOX_BENCH_NATIVE_PROFILES") == "1"
 GRAPH_SIZES = (1, 2, *range(4, 65, 4), *range(72, 129, 8))
-#: the loop workers write their timing sums once a second (serving.http.timings)
 WARMUP_S = 2.0  # the load's warm-up before its measured window
+#: the loop workers write their timing sums once a second (serving.http.timings)
 TIMINGS_TICK_S = 1.2
 
 
