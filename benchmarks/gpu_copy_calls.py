@@ -12,13 +12,20 @@ device computes (``gpu``: 8 large matrix products queued on another stream just 
 another thread asleep in a blocking-sync event wait for that compute (``gpu+wait``, as the
 batcher waits for the batch on the device while copies for the next are queued beside it).
 ``--memfd``: the rows lie in a memfd mapped read-only, as a host maps a frontend's region.
+``--regions N``: the rows lie in N such registered regions of ``--region-mib`` each, the parts
+spread across them, as a serving host holds one region per frontend link (~150 at concurrency
+256). ``--busy-procs K``: K processes spin on the CPU beside it, as the frontends do.
 
-Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5] [--memfd]``
+Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5] [--memfd]
+[--regions 1] [--busy-procs 0]``
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
+import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -56,6 +63,28 @@ def _echo(sock: socket.socket, stop: threading.Event) -> None:
         sock.sendall(data)
 
 
+def _burn() -> None:
+    x = 0
+    while True:
+        x += 1
+
+
+def _region(size: int, memfd: bool, keep: list) -> np.ndarray:
+    """``size`` bytes of page-aligned host memory: an anonymous mapping, or a memfd mapped
+    read-only (its writable mapping kept in ``keep`` for filling)."""
+    if not memfd:
+        mapping = mmap.mmap(-1, size)
+        keep.append((mapping, None))
+        return np.frombuffer(mapping, np.uint8)
+    fd = os.memfd_create("copy-calls")
+    os.ftruncate(fd, size)
+    writer = mmap.mmap(fd, size)
+    reader = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    os.close(fd)
+    keep.append((reader, writer))
+    return np.frombuffer(reader, np.uint8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=int, default=18, help="copies queued per batch")
@@ -63,7 +92,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--switch-ms", type=float, default=0.5,
                         help="the interpreter's switch interval; 0.5 as a model host sets it (Python's own: 5)")  # fmt: skip
-    parser.add_argument("--memfd", action="store_true", help="rows in a read-only memfd mapping")
+    parser.add_argument("--memfd", action="store_true", help="rows in read-only memfd mappings")
+    parser.add_argument("--regions", type=int, default=1, help="registered regions the rows are spread over")
+    parser.add_argument("--region-mib", type=int, default=2, help="each region's size with --regions > 1")
+    parser.add_argument("--busy-procs", type=int, default=0, help="processes spinning on the CPU beside it")
     args = parser.parse_args()
     sys.setswitchinterval(args.switch_ms / 1000)
 
@@ -80,21 +112,32 @@ def main() -> None:
     torch.zeros(1, device=device)
     cudart = torch.cuda.cudart()
     values = np.broadcast_to(np.arange(rows, dtype=np.uint8)[:, None, None, None], (rows, *row))
-    if args.memfd:  # as a host maps a frontend's region: read-only
-        import mmap
-        import os
-
-        fd = os.memfd_create("copy-calls")
-        os.ftruncate(fd, values.nbytes)
-        with mmap.mmap(fd, values.nbytes) as writer:
-            writer[:] = values.tobytes()
-        mapping = mmap.mmap(fd, values.nbytes, prot=mmap.PROT_READ)
-        os.close(fd)
-        host = np.frombuffer(mapping, np.uint8).reshape(rows, *row)
-    else:
-        host = np.ascontiguousarray(values)
-    assert int(cudart.cudaHostRegister(host.ctypes.data, host.nbytes, REGISTER_FLAGS)) == 0
-    parts = [host[i : i + args.rows] for i in range(0, rows, args.rows)]
+    host = np.ascontiguousarray(values)  # what the target must hold after each batch
+    width = host[0].nbytes * args.rows
+    count = max(1, args.regions)
+    size = width * args.parts if count == 1 else max(args.region_mib << 20, width)
+    spans = [np.array_split(np.arange(args.parts), count)[r] for r in range(count)]
+    assert all(len(span) * width <= size for span in spans), "--region-mib too small for its parts"
+    keep = []  # the mappings, alive while their views are
+    parts = [None] * args.parts
+    for span in spans:
+        region = _region(size, args.memfd, keep)
+        assert int(cudart.cudaHostRegister(region.ctypes.data, region.nbytes, REGISTER_FLAGS)) == 0
+        for k, index in enumerate(span):
+            piece = host[index * args.rows : (index + 1) * args.rows].reshape(-1)
+            if args.memfd:  # written through a writable mapping of the same memfd, as a frontend writes
+                keep[-1][1][k * width : (k + 1) * width] = piece.tobytes()
+            else:
+                region[k * width : (k + 1) * width] = piece
+            parts[index] = region[k * width : (k + 1) * width].view(np.uint8).reshape(args.rows, *row)
+    print(
+        f"{count} registered region(s) of {size >> 10} KiB, {'memfd read-only' if args.memfd else 'anonymous'}"
+    )
+    procs = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.busy_procs)]
+    for proc in procs:
+        proc.start()
+    if procs:
+        print(f"{len(procs)} processes spinning beside it on {os.cpu_count()} CPUs")
     target = torch.empty((rows, *row), dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
     copier = cuda_driver.CudaDriver.load()
