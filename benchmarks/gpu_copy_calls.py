@@ -11,7 +11,6 @@ thread converting outputs) and ``io`` (a socket ping-pong, as the I/O thread); a
 device computes (``gpu``: 8 large matrix products queued on another stream just before), with
 another thread asleep in a blocking-sync event wait for that compute (``gpu+wait``, as the
 batcher waits for the batch on the device while copies for the next are queued beside it).
-``driver, one batch call``: the same copies in one ``cuMemcpyBatchAsync`` (``ONEBOX_CUDA_COPY=batch``).
 ``--memfd``: the rows lie in a memfd mapped read-only, as a host maps a frontend's region.
 ``--regions N``: the rows lie in N such registered regions of ``--region-mib`` each, the parts
 spread across them, as a serving host holds one region per frontend link (~150 at concurrency
@@ -158,23 +157,9 @@ def main() -> None:
             assert copier.host_to_device(base + at * width, part.ctypes.data, part.nbytes, handle)
             at += len(part)
 
-    def with_batch() -> None:
-        handle = torch.cuda.current_stream(device).cuda_stream
-        base, width = target.data_ptr(), host[0].nbytes
-        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
-        assert batcher.host_to_device_batch(
-            [base + int(at) * width for at in starts], [p.ctypes.data for p in parts], [p.nbytes for p in parts],
-            handle,
-        )  # fmt: skip
-
     ways = {"torch copy_": with_torch}
     if copier:
         ways["driver (PyDLL)"] = with_driver
-        batcher = cuda_driver.CudaDriver(batched=True)
-        if batcher.can("batch"):
-            ways["driver, one batch call"] = with_batch
-        else:
-            print("cuMemcpyBatchAsync: NOT available (a driver before CUDA 12.8)")
     print(f"{args.parts} copies of {args.rows} rows ({host[0].nbytes * args.rows // 1024} KB each) per batch, "
           f"CPU microseconds to queue them, median (p90) of {args.repeats}, switch interval {args.switch_ms} ms")  # fmt: skip
     print(f"{'others':<12}" + "".join(f"{name:>24}" for name in ways))

@@ -5,9 +5,7 @@ to the switch interval while the reader and answer threads run Python. A driver 
 ``ctypes.PyDLL`` keeps the GIL for the microseconds it takes to queue. Queuing a batch's ~18
 copies beside a busy Python thread took 0.17 ms this way against 24 ms through ``Tensor.copy_``;
 served throughput on an H200 did not move measurably (benchmarks/RESULTS.md, sixteenth and
-seventeenth sessions). ``ONEBOX_CUDA_COPY=torch`` turns the path off (``DRIVER.enabled``);
-``batch`` also queues each input's copies from the host in one ``cuMemcpyBatchAsync`` call
-(CUDA 12.8 and later; ``DRIVER.batched``), where the driver has it.
+seventeenth sessions). ``ONEBOX_CUDA_COPY=torch`` turns the path off (``DRIVER.enabled``).
 """
 
 from __future__ import annotations
@@ -29,24 +27,6 @@ _CALLS = {
     "graph": ("cuGraphLaunch", (ctypes.c_void_p, ctypes.c_void_p)),
     "event": ("cuEventRecord", (ctypes.c_void_p, ctypes.c_void_p)),
 }
-#: copies from the host in one call: (dsts, srcs, sizes, count, attrs, attr indices, attrs, stream)
-_BATCH_V2 = ("cuMemcpyBatchAsync_v2", (*(ctypes.c_void_p,) * 3, ctypes.c_size_t, *(ctypes.c_void_p,) * 2, ctypes.c_size_t, ctypes.c_void_p))  # fmt: skip
-#: CUDA 12.8-12.9's, with a failure index before the stream
-_BATCH_V1 = ("cuMemcpyBatchAsync", (*_BATCH_V2[1][:7], ctypes.c_void_p, ctypes.c_void_p))
-_SRC_ACCESS_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM: sources are read in stream order
-
-
-class _MemLocation(ctypes.Structure):  # CUmemLocation: no hint (CU_MEM_LOCATION_TYPE_INVALID)
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class _CopyAttributes(ctypes.Structure):  # CUmemcpyAttributes_v1
-    _fields_ = [
-        ("srcAccessOrder", ctypes.c_int),
-        ("srcLocHint", _MemLocation),
-        ("dstLocHint", _MemLocation),
-        ("flags", ctypes.c_uint),
-    ]
 
 
 class CudaDriver:
@@ -62,23 +42,14 @@ class CudaDriver:
     for the process (logged once); that call and every later one go through torch.
     """
 
-    def __init__(
-        self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None, batched: bool = False
-    ):
-        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``, ``batch``) -> a
-        function returning a ``CUresult``, instead of the driver's (tests give ones that copy
-        between CPU buffers); a name left out is not queued by the driver. ``batched``: a
-        target's copies from the host are collected and queued in one ``batch`` call
-        (:meth:`RawTarget.flush`)."""
+    def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
+        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``) -> a function
+        returning a ``CUresult``, instead of the driver's (tests give ones that copy between
+        CPU buffers); a name left out is not queued by the driver."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
-        self.batched = batched  # likewise (``batch``)
         self._calls = calls
         self.queued = 0  # copies the driver took
         self.launched = 0  # graph launches and event records the driver took
-        self.batches = 0  # batch calls the driver took (their copies count in ``queued``)
-        self._attributes = _CopyAttributes(_SRC_ACCESS_ORDER_STREAM)
-        self._first = (ctypes.c_size_t * 1)(0)  # every copy of a batch has the one attribute
-        self._failed = ctypes.c_size_t(0)  # the v1 call's failure index
 
     @classmethod
     def load(cls) -> CudaDriver | None:
@@ -98,22 +69,7 @@ class CudaDriver:
             except (OSError, AttributeError):
                 self._calls = {}
                 log.info("the CUDA driver library is not loadable: CUDA work goes through torch")
-                return self._calls
-            self._calls.update(self._batch_call(library))
         return self._calls
-
-    def _batch_call(self, library) -> dict:
-        """``{"batch": f}`` with CUDA 13's signature, from whichever symbol the driver has."""
-        for symbol, argtypes in (_BATCH_V2, _BATCH_V1):
-            function = getattr(library, symbol, None)
-            if function is None:
-                continue
-            function.argtypes, function.restype = list(argtypes), ctypes.c_int
-            if symbol == _BATCH_V1[0]:
-                failed = ctypes.addressof(self._failed)
-                return {"batch": lambda *args, f=function, at=failed: f(*args[:7], at, args[7])}
-            return {"batch": function}
-        return {}
 
     def can(self, name: str) -> bool:
         """Whether the driver queues calls of this kind now."""
@@ -145,32 +101,6 @@ class CudaDriver:
         """Queue one copy between device addresses on ``stream``."""
         return self._queue("dtod", target, source, nbytes, stream)
 
-    def host_to_device_batch(self, dsts: list[int], srcs: list[int], sizes: list[int], stream: int) -> bool:
-        """Queue copies from page-locked host memory to the device in one call, on ``stream``:
-        read in stream order, in no order among themselves (the targets must not overlap).
-        False, and batching off (each copy then goes by itself), when the driver has no such
-        call or it fails."""
-        count = len(dsts)
-        if not (self.batched and self.can("batch")):
-            return False
-        # read by the driver during the call only (kept alive until it returns)
-        addresses = (ctypes.c_uint64 * (2 * count))(*dsts, *srcs)
-        lengths = (ctypes.c_size_t * count)(*sizes)
-        base = ctypes.addressof(addresses)
-        error = self._calls["batch"](
-            base, base + 8 * count, ctypes.addressof(lengths), count,
-            ctypes.addressof(self._attributes), ctypes.addressof(self._first), 1, stream,
-        )  # fmt: skip
-        if error != 0:
-            self.batched = False
-            log.warning(
-                "cuMemcpyBatchAsync failed (CUDA error %d): each copy goes by itself from now on", error
-            )
-            return False
-        self.queued += count
-        self.batches += 1
-        return True
-
     def launch_graph(self, graph_exec: int, stream: int) -> bool:
         """Launch an instantiated graph (``cudaGraphExec_t``) on ``stream``."""
         return self._queue("graph", graph_exec, stream, count="launched")
@@ -194,25 +124,19 @@ class CudaDriver:
 
 
 class RawTarget:
-    """A contiguous device tensor that rows are copied into by the driver.
+    """A contiguous device tensor that rows are copied into by the driver."""
 
-    With the copier ``batched`` its copies from the host are collected by :meth:`put` and queued
-    together by :meth:`flush`, which must come before anything else is queued on the stream.
-    """
-
-    __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream", "_pending")
+    __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream")
 
     def __init__(self, copier: CudaDriver, address: int, shape: tuple, dtype: np.dtype, stream: int):
         self.copier, self.address, self.dtype, self.stream = copier, address, dtype, stream
         self.rows, self.row_shape = shape[0], shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
-        # (row, source) put but not queued yet (batched)
-        self._pending: list[tuple[int, np.ndarray]] | None = [] if copier.batched else None
 
     def put(self, row: int, source: np.ndarray) -> bool:
         """Queue ``source`` (C-contiguous, page-locked, its rows shaped as the target's) into the
-        target from ``row`` on, or collect it for :meth:`flush`; False when the driver did not
-        take it (torch then copies it, and refuses what does not fit as it always did)."""
+        target from ``row`` on; False when the driver did not take it (torch then copies it, and
+        refuses what does not fit as it always did)."""
         if (
             source.dtype != self.dtype
             or source.shape[1:] != self.row_shape
@@ -221,32 +145,9 @@ class RawTarget:
             or not source.flags.c_contiguous
         ):
             return False
-        if self._pending is not None and self.copier.can("batch"):
-            self._pending.append((row, source))
-            return True
         return self.copier.host_to_device(
             self.address + row * self.row_bytes, source.ctypes.data, source.nbytes, self.stream
         )
-
-    def flush(self) -> list[tuple[int, np.ndarray]]:
-        """Queue the collected copies in one call; those the driver took neither way (its batch
-        call failed, then the copy by itself too), as (row, source), for torch to copy."""
-        pending, self._pending = self._pending, ([] if self._pending is not None else None)
-        if not pending:
-            return []
-        if len(pending) > 1:
-            dsts = [self.address + row * self.row_bytes for row, _ in pending]
-            if self.copier.host_to_device_batch(
-                dsts, [s.ctypes.data for _, s in pending], [s.nbytes for _, s in pending], self.stream
-            ):
-                return []
-        return [
-            (row, source)
-            for row, source in pending
-            if not self.copier.host_to_device(
-                self.address + row * self.row_bytes, source.ctypes.data, source.nbytes, self.stream
-            )
-        ]
 
 
 _NUMPY_DTYPES: dict = {}

@@ -11,8 +11,7 @@ the graph's inputs are filled from them on the device. Padding rows repeat the l
 copied on the device.
 
 The copies are queued through the CUDA driver where it can take them
-(handlers.cuda_driver: the GIL kept for the microseconds each takes), an input's copies from
-the host in one batch call with ``ONEBOX_CUDA_COPY=batch``, else by ``Tensor.copy_``.
+(handlers.cuda_driver: the GIL kept for the microseconds each takes), else by ``Tensor.copy_``.
 """
 
 from __future__ import annotations
@@ -139,9 +138,6 @@ def _copy_parts(
         at += count
     if run is not None and (raw is None or not raw.put(run, staged[1][run:at])):
         target[run:at].copy_(staged[0][run:at], non_blocking=True)
-    if raw is not None:  # the copies it collected (batched), in one call
-        for row, source in raw.flush():
-            target[row : row + len(source)].copy_(torch.from_numpy(source), non_blocking=True)
 
 
 def _pad(target, rows: int, raw: RawTarget | None) -> None:

@@ -178,12 +178,11 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _cuda_copies(host: Host) -> None:
-    """How a GPU host's CUDA runners queue a batch's work: through the driver (copies from the host batched or not) or torch (Settings.cuda_copy)."""
+    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch (Settings.cuda_copy)."""
     if host.device.kind == "cuda":
         from handlers.cuda_driver import DRIVER
 
-        DRIVER.enabled = host.settings.cuda_copy in ("driver", "batch")
-        DRIVER.batched = host.settings.cuda_copy == "batch"
+        DRIVER.enabled = host.settings.cuda_copy == "driver"
 
 
 def _pinning(host: Host):

@@ -86,16 +86,15 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
         assert not covers(view)
 
 
-@pytest.fixture(params=["driver", "batch", "torch"])
+@pytest.fixture(params=["driver", "torch"])
 def copies(request):
-    """Copies to the device queued by the driver (the default; ``batch``: an input's copies from
-    the host in one call) or by ``Tensor.copy_``."""
+    """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``."""
     from handlers.cuda_driver import DRIVER
 
-    was = DRIVER.enabled, DRIVER.batched
-    DRIVER.enabled, DRIVER.batched = request.param != "torch", request.param == "batch"
+    was = DRIVER.enabled
+    DRIVER.enabled = request.param == "driver"
     yield request.param, DRIVER
-    DRIVER.enabled, DRIVER.batched = was
+    DRIVER.enabled = was
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
@@ -103,7 +102,7 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
     tmp_path, regions, graphs, copies
 ):
     way, driver = copies
-    queued, launched, batches = driver.queued, driver.launched, driver.batches
+    queued, launched = driver.queued, driver.launched
     model = Deep(64, 4).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
@@ -125,15 +124,10 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
             out[rows:], np.repeat(out[rows - 1 : rows], len(batch) - rows, 0), atol=1e-5
         )
     # the driver took the copies (none failed: a failure turns it off), or torch did them all
-    assert driver.enabled == (way != "torch")
-    assert (driver.queued > queued) == (way != "torch")
+    assert driver.enabled == (way == "driver")
+    assert (driver.queued > queued) == (way == "driver")
     # the driver also recorded the batches' events (and launched the graphs)
-    assert (driver.launched > launched) == (way != "torch")
-    # batched: parts of several copies went in one call, where the driver has it (CUDA 12.8+)
-    if way == "batch" and driver.can("batch"):
-        assert driver.batched and driver.batches > batches
-    else:
-        assert driver.batches == batches
+    assert (driver.launched > launched) == (way == "driver")
     handler.unload()
 
 
@@ -158,26 +152,12 @@ def test_a_graph_that_draws_random_numbers_is_replayed_by_torch_never_by_the_dri
         torch.testing.assert_close(out, x * 2)
 
 
-@pytest.fixture(params=[False, True], ids=["driver", "batch"])
-def batched(request):
-    """The driver path's copies from the host one call each, or an input's in one call."""
-    from handlers.cuda_driver import DRIVER
-
-    was = DRIVER.batched
-    DRIVER.batched = request.param
-    yield request.param
-    DRIVER.batched = was
-
-
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(
-    tmp_path, regions, graphs, depth, batched
-):
+def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, regions, graphs, depth):
     # as the host runs on a GPU: requests arrive in registered regions (every other one in plain
     # memory), batch N+1's copies run on a copy stream while N computes (depth 2: in the twin
-    # lane), so a device buffer or graph input reused too early would mix requests up; batched,
-    # one call's copies run in no order among themselves
+    # lane), so a device buffer or graph input reused too early would mix requests up
     from serving.batching import Batcher, BatchPolicy
 
     model = Deep(256, 20).eval()

@@ -13,19 +13,17 @@ from serving.settings import Settings
 
 @pytest.fixture
 def restore():
-    was = DRIVER.enabled, DRIVER.batched
+    was = DRIVER.enabled
     yield
-    DRIVER.enabled, DRIVER.batched = was
+    DRIVER.enabled = was
 
 
-@pytest.mark.parametrize(
-    "value,enabled,batched", [("driver", True, False), ("batch", True, True), ("torch", False, False)]
-)
-def test_a_cuda_host_turns_the_driver_path_and_its_batching_on_or_off(restore, value, enabled, batched):
-    DRIVER.enabled, DRIVER.batched = not enabled, not batched
+@pytest.mark.parametrize("value,enabled", [("driver", True), ("torch", False)])
+def test_a_cuda_host_turns_the_driver_path_on_or_off(restore, value, enabled):
+    DRIVER.enabled = not enabled
     settings = Settings.from_env({"ONEBOX_CUDA_COPY": value})
     _cuda_copies(SimpleNamespace(device=SimpleNamespace(kind="cuda", index=0), settings=settings))
-    assert (DRIVER.enabled, DRIVER.batched) == (enabled, batched)
+    assert DRIVER.enabled is enabled
 
 
 def test_a_cpu_host_leaves_it_alone(restore):
