@@ -31,6 +31,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,20 +70,45 @@ def _burn() -> None:
         x += 1
 
 
-def _region(size: int, memfd: bool, keep: list) -> np.ndarray:
-    """``size`` bytes of page-aligned host memory: an anonymous mapping, or a memfd mapped
-    read-only (its writable mapping kept in ``keep`` for filling)."""
+def _region(size: int, memfd: bool, keep: list) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` bytes of page-aligned host memory, and a writable view of the same bytes: an
+    anonymous mapping (the view is itself), or a memfd mapped read-only as a host maps a
+    frontend's region (the view through a second, writable mapping, as the frontend writes).
+    ``keep`` holds the mappings."""
     if not memfd:
         mapping = mmap.mmap(-1, size)
-        keep.append((mapping, None))
-        return np.frombuffer(mapping, np.uint8)
+        keep.append(mapping)
+        region = np.frombuffer(mapping, np.uint8)
+        return region, region
     fd = os.memfd_create("copy-calls")
     os.ftruncate(fd, size)
     writer = mmap.mmap(fd, size)
     reader = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     os.close(fd)
-    keep.append((reader, writer))
-    return np.frombuffer(reader, np.uint8)
+    keep += [reader, writer]
+    return np.frombuffer(reader, np.uint8), np.frombuffer(writer, np.uint8)
+
+
+def rows_in_regions(
+    host: np.ndarray, parts: int, count: int, size: int, memfd: bool, keep: list, register: Callable
+) -> list[np.ndarray]:
+    """``host``'s rows as ``parts`` equal parts, each lying in one of ``count`` regions of
+    ``size`` bytes (``register``-ed as they are made), the parts spread evenly over them."""
+    rows = len(host) // parts
+    width = host[:rows].nbytes
+    spans = np.array_split(np.arange(parts), count)  # the parts each region holds
+    if max(len(span) for span in spans) * width > size:
+        raise SystemExit(
+            f"regions of {size >> 10} KiB are too small for {len(spans[0])} parts of {width >> 10} KiB"
+        )
+    views = [None] * parts
+    for span in spans:
+        region, fill = _region(size, memfd, keep)
+        register(region)
+        for k, index in enumerate(span):
+            fill[k * width : (k + 1) * width] = host[index * rows : (index + 1) * rows].reshape(-1)
+            views[index] = region[k * width : (k + 1) * width].reshape(rows, *host.shape[1:])
+    return views
 
 
 def main() -> None:
@@ -113,27 +139,20 @@ def main() -> None:
     cudart = torch.cuda.cudart()
     values = np.broadcast_to(np.arange(rows, dtype=np.uint8)[:, None, None, None], (rows, *row))
     host = np.ascontiguousarray(values)  # what the target must hold after each batch
-    width = host[0].nbytes * args.rows
     count = max(1, args.regions)
-    size = width * args.parts if count == 1 else max(args.region_mib << 20, width)
-    spans = [np.array_split(np.arange(args.parts), count)[r] for r in range(count)]
-    assert all(len(span) * width <= size for span in spans), "--region-mib too small for its parts"
-    keep = []  # the mappings, alive while their views are
-    parts = [None] * args.parts
-    for span in spans:
-        region = _region(size, args.memfd, keep)
+    size = host.nbytes if count == 1 else args.region_mib << 20
+
+    def register(region: np.ndarray) -> None:
         assert int(cudart.cudaHostRegister(region.ctypes.data, region.nbytes, REGISTER_FLAGS)) == 0
-        for k, index in enumerate(span):
-            piece = host[index * args.rows : (index + 1) * args.rows].reshape(-1)
-            if args.memfd:  # written through a writable mapping of the same memfd, as a frontend writes
-                keep[-1][1][k * width : (k + 1) * width] = piece.tobytes()
-            else:
-                region[k * width : (k + 1) * width] = piece
-            parts[index] = region[k * width : (k + 1) * width].view(np.uint8).reshape(args.rows, *row)
+
+    keep: list = []  # the mappings, alive while their views are
+    parts = rows_in_regions(host, args.parts, count, size, args.memfd, keep, register)
     print(
         f"{count} registered region(s) of {size >> 10} KiB, {'memfd read-only' if args.memfd else 'anonymous'}"
     )
-    procs = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.busy_procs)]
+    # spawned, not forked: this process has CUDA and threads
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=_burn, daemon=True) for _ in range(args.busy_procs)]
     for proc in procs:
         proc.start()
     if procs:
