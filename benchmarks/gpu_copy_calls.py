@@ -64,12 +64,6 @@ def _echo(sock: socket.socket, stop: threading.Event) -> None:
         sock.sendall(data)
 
 
-def _burn() -> None:
-    x = 0
-    while True:
-        x += 1
-
-
 def _region(size: int, memfd: bool, keep: list) -> tuple[np.ndarray, np.ndarray]:
     """``size`` bytes of page-aligned host memory, and a writable view of the same bytes: an
     anonymous mapping (the view is itself), or a memfd mapped read-only as a host maps a
@@ -150,9 +144,11 @@ def main() -> None:
     print(
         f"{count} registered region(s) of {size >> 10} KiB, {'memfd read-only' if args.memfd else 'anonymous'}"
     )
-    # spawned, not forked: this process has CUDA and threads
+    # the pure-Python loop of the spinning thread, in processes spawned (not forked: this
+    # process has CUDA and threads) until the end
     spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=_burn, daemon=True) for _ in range(args.busy_procs)]
+    halt = spawn.Event()
+    procs = [spawn.Process(target=_spin, args=(halt,), daemon=True) for _ in range(args.busy_procs)]
     for proc in procs:
         proc.start()
     if procs:
@@ -231,6 +227,9 @@ def main() -> None:
         for t in threads:
             t.join(timeout=2)
         print(f"{others:<12}" + "".join(f"{c:>24}" for c in cells))
+    halt.set()
+    for proc in procs:
+        proc.join(timeout=2)
 
 
 if __name__ == "__main__":
