@@ -766,3 +766,41 @@ def test_a_batcher_with_depth_two_never_runs_a_batch_on_the_callers_thread(runne
     finally:
         batcher.close()
     assert threading.get_ident() not in ran
+
+
+def test_with_depth_two_a_batch_is_collected_while_the_last_ones_answers_are_still_going_out(runner):
+    # at depth 2 the collector hands a batch's answers to the answering thread whenever requests
+    # are queued: answering it itself, the next batch (launched meanwhile) would wait on the
+    # device to be collected until the last answer was out
+    batcher = Batcher(runner, BatchPolicy(max_batch_size=4, max_queue=64), launch=runner.launch, depth=2)
+    try:
+        runner.hold()
+        first = batcher.submit(rows(2), FAR)
+        assert runner.started.wait(WAIT)
+        # one row queued behind a batch of two: not launched behind it, so the first batch is
+        # alone on the device when it is collected, with a request still queued
+        small = batcher.submit(rows(1, start=5), FAR)
+        collected_meanwhile, answered = [], threading.Event()
+
+        def answering(_):  # the first batch's answer going out, slowly
+            collected_meanwhile.append(small.done() or _settles(small))
+            answered.set()
+
+        first.add_done_callback(answering)
+        runner.release()
+        assert answered.wait(WAIT)
+        assert collected_meanwhile == [True], "the second batch waited for the first one's answers"
+        assert np.array_equal(small.result(WAIT)["y"], expected(rows(1, start=5)))
+        assert np.array_equal(first.result(WAIT)["y"], expected(rows(2)))
+    finally:
+        batcher.close()
+
+
+def _settles(future, seconds: float = 3.0) -> bool:
+    """Whether ``future`` is done within ``seconds`` (polled: a callback must not block on a lock)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if future.done():
+            return True
+        time.sleep(0.005)
+    return False
