@@ -15,9 +15,13 @@ batcher waits for the batch on the device while copies for the next are queued b
 ``--regions N``: the rows lie in N such registered regions of ``--region-mib`` each, the parts
 spread across them, as a serving host holds one region per frontend link (~150 at concurrency
 256). ``--busy-procs K``: K processes spin on the CPU beside it, as the frontends do.
+``cat`` (where the device can read registered host memory at its host address): no copy call
+at all; one ``torch.cat`` of the parts as CUDA views of the registered memory, read by the
+device's own threads over the bus (zero-copy), 8 bytes a load where every part is aligned. The
+last table gives each way's device time for the batch with the device otherwise idle.
 
 Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5] [--memfd]
-[--regions 1] [--busy-procs 0]``
+[--regions 1] [--busy-procs 0] [--map]``
 """
 
 from __future__ import annotations
@@ -105,6 +109,34 @@ def rows_in_regions(
     return views
 
 
+class _CudaView:
+    """Registered host memory as a CUDA array (``__cuda_array_interface__``) at its host
+    address: what the device reads where it can use host pointers of registered memory."""
+
+    def __init__(self, address: int, nbytes: int, itemsize: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes // itemsize,),
+            "typestr": f"<u{itemsize}" if itemsize > 1 else "|u1",
+            "data": (address, False),
+            "version": 3,
+        }
+
+
+def _mapped_views(parts: list[np.ndarray], nbytes: int, torch) -> list | None:
+    """The parts as CUDA tensors over their registered host memory (8-byte items where every
+    part and length allows), or None where the device cannot use host pointers."""
+    import ctypes
+
+    value = ctypes.c_int()
+    # CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, device 0
+    if ctypes.CDLL("libcuda.so.1").cuDeviceGetAttribute(ctypes.byref(value), 91, 0) != 0 or not value.value:
+        return None
+    itemsize = 8 if all(part.ctypes.data % 8 == 0 for part in parts) and nbytes % 8 == 0 else 1
+    return [
+        torch.as_tensor(_CudaView(part.ctypes.data, part.nbytes, itemsize), device="cuda") for part in parts
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=int, default=18, help="copies queued per batch")
@@ -116,6 +148,7 @@ def main() -> None:
     parser.add_argument("--regions", type=int, default=1, help="registered regions the rows are spread over")
     parser.add_argument("--region-mib", type=int, default=2, help="each region's size with --regions > 1")
     parser.add_argument("--busy-procs", type=int, default=0, help="processes spinning on the CPU beside it")
+    parser.add_argument("--map", action="store_true", help="register with cudaHostRegisterMapped too (0x02)")
     args = parser.parse_args()
     sys.setswitchinterval(args.switch_ms / 1000)
 
@@ -137,7 +170,8 @@ def main() -> None:
     size = host.nbytes if count == 1 else args.region_mib << 20
 
     def register(region: np.ndarray) -> None:
-        assert int(cudart.cudaHostRegister(region.ctypes.data, region.nbytes, REGISTER_FLAGS)) == 0
+        flags = REGISTER_FLAGS | (0x02 if args.map else 0)
+        assert int(cudart.cudaHostRegister(region.ctypes.data, region.nbytes, flags)) == 0
 
     keep: list = []  # the mappings, alive while their views are
     parts = rows_in_regions(host, args.parts, count, size, args.memfd, keep, register)
@@ -175,6 +209,16 @@ def main() -> None:
     ways = {"torch copy_": with_torch}
     if copier:
         ways["driver (PyDLL)"] = with_driver
+    mapped = _mapped_views(parts, host[0].nbytes * args.rows, torch)
+    if mapped is not None:
+        flat = target.view(-1).view(mapped[0].dtype)
+
+        def with_cat() -> None:
+            torch.cat(mapped, out=flat)
+
+        ways["cat (zero-copy)"] = with_cat
+    else:
+        print("zero-copy cat: NOT available (host pointers not usable on the device)")
     print(f"{args.parts} copies of {args.rows} rows ({host[0].nbytes * args.rows // 1024} KB each) per batch, "
           f"CPU microseconds to queue them, median (p90) of {args.repeats}, switch interval {args.switch_ms} ms")  # fmt: skip
     print(f"{'others':<12}" + "".join(f"{name:>24}" for name in ways))
@@ -227,6 +271,26 @@ def main() -> None:
         for t in threads:
             t.join(timeout=2)
         print(f"{others:<12}" + "".join(f"{c:>24}" for c in cells))
+    cells = []
+    with torch.cuda.stream(stream):
+        for name, way in ways.items():
+            times = []
+            for _ in range(args.repeats):
+                target.zero_()
+                stream.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                way()
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1000)
+            assert torch.equal(target.cpu(), torch.from_numpy(host)), name
+            times.sort()
+            gbs = host.nbytes / (statistics.median(times) * 1e-6) / 1e9
+            cells.append(
+                f"{statistics.median(times):>7.0f} ({times[int(len(times) * 0.9)]:>5.0f}) {gbs:4.1f} GB/s"
+            )
+    print(f"{'device us':<12}" + "".join(f"{c:>24}" for c in cells))
     halt.set()
     for proc in procs:
         proc.join(timeout=2)
