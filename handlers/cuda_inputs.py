@@ -12,19 +12,15 @@ copied on the device.
 
 The copies are queued through the CUDA driver where it can take them
 (handlers.cuda_driver: the GIL kept for the microseconds each takes), else by ``Tensor.copy_``.
-With ``ONEBOX_CUDA_COPY=zerocopy`` an input's parts are not copied at all where the device can
-read host memory: one gather on the device reads them where they lie (handlers.cuda_gather).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 
 from handlers.cuda_driver import DRIVER, CudaDriver, RawTarget
-from handlers.cuda_gather import GATHER, HostGather
 from handlers.host_memory import REGIONS, PinnedRegions
 from serving.types import Rows
 
@@ -69,7 +65,6 @@ def device_inputs(
     into: list | None = None,
     regions: PinnedRegions = REGIONS,
     driver: CudaDriver | None = DRIVER,
-    gather: HostGather | None = GATHER,
 ) -> list:
     """Each of ``arrays`` (numpy arrays or Rows) on the device, padded rows included.
 
@@ -96,9 +91,9 @@ def device_inputs(
         for slot, (array, target) in enumerate(zip(arrays, targets, strict=True)):
             parts, rows = (array.parts, array.rows) if isinstance(array, Rows) else ([array], len(array))
             raw = driver.target(target) if driver is not None else None
-            host = partial(staging, slot, array.shape, array.dtype)
-            if gather is None or not gather.gather(parts, target, regions.span, host):
-                _copy_parts(parts, target, covers, host, raw)
+            _copy_parts(
+                parts, target, covers, lambda slot=slot, a=array: staging(slot, a.shape, a.dtype), raw
+            )
             if rows < len(target):  # padding: the last real row again
                 _pad(target, rows, raw)
         if side is not None:

@@ -129,18 +129,11 @@ class PinnedRegions:
             yield self._covers
 
     def _covers(self, array: np.ndarray) -> bool:
-        return self.span(array) is not None
-
-    def span(self, array: np.ndarray) -> tuple[int, int] | None:
-        """``(start, end)`` of the registered region the C-contiguous ``array`` lies in, or None.
-        Call it inside :meth:`holding`, and queue the device's reads of the region there too."""
         if not self._starts or not array.flags.c_contiguous:
-            return None
+            return False
         address = array.__array_interface__["data"][0]
         index = bisect.bisect(self._starts, address) - 1
-        if index >= 0 and address + array.nbytes <= self._ends[index]:
-            return self._starts[index], self._ends[index]
-        return None
+        return index >= 0 and address + array.nbytes <= self._ends[index]
 
     def _remove(self, entry: _Region) -> None:  # under self._lock
         index = bisect.bisect_left(self._starts, entry.address)

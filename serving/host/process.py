@@ -178,14 +178,11 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _cuda_copies(host: Host) -> None:
-    """How a GPU host's CUDA runners queue a batch's work (Settings.cuda_copy): through the driver,
-    through torch, or through the driver with inputs read by the device from host memory."""
+    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch (Settings.cuda_copy)."""
     if host.device.kind == "cuda":
         from handlers.cuda_driver import DRIVER
-        from handlers.cuda_gather import GATHER
 
-        DRIVER.enabled = host.settings.cuda_copy in ("driver", "zerocopy")
-        GATHER.enabled = host.settings.cuda_copy == "zerocopy"
+        DRIVER.enabled = host.settings.cuda_copy == "driver"
 
 
 def _pinning(host: Host):

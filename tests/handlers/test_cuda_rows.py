@@ -86,28 +86,23 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
         assert not covers(view)
 
 
-@pytest.fixture(params=["driver", "torch", "zerocopy"])
+@pytest.fixture(params=["driver", "torch"])
 def copies(request):
-    """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``, or inputs
-    read by the device from host memory (``zerocopy``: the driver for the rest)."""
+    """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``."""
     from handlers.cuda_driver import DRIVER
-    from handlers.cuda_gather import GATHER
 
-    was = DRIVER.enabled, GATHER.enabled
-    DRIVER.enabled = request.param in ("driver", "zerocopy")
-    GATHER.enabled = request.param == "zerocopy"
+    was = DRIVER.enabled
+    DRIVER.enabled = request.param == "driver"
     yield request.param, DRIVER
-    DRIVER.enabled, GATHER.enabled = was
+    DRIVER.enabled = was
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
     tmp_path, regions, graphs, copies
 ):
-    from handlers.cuda_gather import GATHER
-
     way, driver = copies
-    queued, launched, gathered = driver.queued, driver.launched, GATHER.gathered
+    queued, launched = driver.queued, driver.launched
     model = Deep(64, 4).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
@@ -129,15 +124,10 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
             out[rows:], np.repeat(out[rows - 1 : rows], len(batch) - rows, 0), atol=1e-5
         )
     # the driver took the copies (none failed: a failure turns it off), or torch did them all
-    assert driver.enabled == (way != "torch")
-    if way != "zerocopy":
-        assert (driver.queued > queued) == (way == "driver")
-    else:  # every input was read by the device where it lay, none copied in by the driver
-        from handlers.cuda_gather import GATHER
-
-        assert GATHER.enabled and GATHER.gathered >= gathered + 4
+    assert driver.enabled == (way == "driver")
+    assert (driver.queued > queued) == (way == "driver")
     # the driver also recorded the batches' events (and launched the graphs)
-    assert (driver.launched > launched) == (way != "torch")
+    assert (driver.launched > launched) == (way == "driver")
     handler.unload()
 
 
@@ -164,9 +154,7 @@ def test_a_graph_that_draws_random_numbers_is_replayed_by_torch_never_by_the_dri
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(
-    tmp_path, regions, graphs, depth, copies
-):
+def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, regions, graphs, depth):
     # as the host runs on a GPU: requests arrive in registered regions (every other one in plain
     # memory), batch N+1's copies run on a copy stream while N computes (depth 2: in the twin
     # lane), so a device buffer or graph input reused too early would mix requests up

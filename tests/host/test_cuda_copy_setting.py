@@ -7,27 +7,23 @@ from types import SimpleNamespace
 import pytest
 
 from handlers.cuda_driver import DRIVER
-from handlers.cuda_gather import GATHER
 from serving.host.process import _cuda_copies
 from serving.settings import Settings
 
 
 @pytest.fixture
 def restore():
-    was = DRIVER.enabled, GATHER.enabled
+    was = DRIVER.enabled
     yield
-    DRIVER.enabled, GATHER.enabled = was
+    DRIVER.enabled = was
 
 
-@pytest.mark.parametrize(
-    "value,enabled,gathered", [("driver", True, False), ("torch", False, False), ("zerocopy", True, True)]
-)
-def test_a_cuda_host_turns_the_driver_path_and_the_gather_on_or_off(restore, value, enabled, gathered):
-    DRIVER.enabled, GATHER.enabled = not enabled, not gathered
+@pytest.mark.parametrize("value,enabled", [("driver", True), ("torch", False)])
+def test_a_cuda_host_turns_the_driver_path_on_or_off(restore, value, enabled):
+    DRIVER.enabled = not enabled
     settings = Settings.from_env({"ONEBOX_CUDA_COPY": value})
     _cuda_copies(SimpleNamespace(device=SimpleNamespace(kind="cuda", index=0), settings=settings))
     assert DRIVER.enabled is enabled
-    assert GATHER.enabled is gathered
 
 
 def test_a_cpu_host_leaves_it_alone(restore):
