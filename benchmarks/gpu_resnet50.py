@@ -490,7 +490,8 @@ def main(argv=None) -> int:
                              "requests from them (ONEBOX_IPC_PIN); off: joined on the host, e.g. on,off")  # fmt: skip
     parser.add_argument("--h2d", type=lambda t: t.split(","), default=["driver"],
                         help="how hosts queue a batch's CUDA work (ONEBOX_CUDA_COPY): driver (copies, graph "
-                             "launch, copies out and events through the driver, GIL held) or torch, e.g. driver,torch")  # fmt: skip
+                             "launch, copies out and events through the driver, GIL held), gather (the same, an input's copies by one "
+                             "kernel launch) or torch, e.g. driver,gather")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",

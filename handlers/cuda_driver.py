@@ -5,7 +5,9 @@ to the switch interval while the reader and answer threads run Python. A driver 
 ``ctypes.PyDLL`` keeps the GIL for the microseconds it takes to queue. Queuing a batch's ~18
 copies beside a busy Python thread took 0.17 ms this way against 24 ms through ``Tensor.copy_``;
 served throughput on an H200 did not move measurably (benchmarks/RESULTS.md, sixteenth and
-seventeenth sessions). ``ONEBOX_CUDA_COPY=torch`` turns the path off (``DRIVER.enabled``).
+seventeenth sessions). ``ONEBOX_CUDA_COPY=torch`` turns the path off (``DRIVER.enabled``);
+``ONEBOX_CUDA_COPY=gather`` has a batch input's copies made by one kernel launch instead
+(``DRIVER.gather``, handlers.cuda_gather).
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ class CudaDriver:
     """
 
     def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
-        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``) -> a function
-        returning a ``CUresult``, instead of the driver's (tests give ones that copy between
-        CPU buffers); a name left out is not queued by the driver."""
+        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``, ``gather``) -> a
+        function returning a ``CUresult``, instead of the driver's (tests give ones that copy
+        between CPU buffers); a name left out is not queued by the driver. ``gather`` takes
+        ``(segments, stream)``, up to ``cuda_gather.MAX_SEGMENTS`` (target, source, bytes) copies;
+        the driver's is the kernel of handlers.cuda_gather, loaded on first use."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
+        self.gather = False  # a target's copies made by one gather launch (Settings.cuda_copy)
+        self.gather_device = 0  # the device the gather kernel is loaded for
         self._calls = calls
+        self._gather_loaded = calls is not None  # tests' calls have their gather or none
         self.queued = 0  # copies the driver took
         self.launched = 0  # graph launches and event records the driver took
+        self.gathers = 0  # gather launches, and the copies (segments) they made
+        self.gathered = 0
 
     @classmethod
     def load(cls) -> CudaDriver | None:
@@ -73,7 +82,23 @@ class CudaDriver:
 
     def can(self, name: str) -> bool:
         """Whether the driver queues calls of this kind now."""
+        if name == "gather":
+            return self.enabled and self.gather and self._gather_function() is not None
         return self.enabled and name in self._functions()
+
+    def _gather_function(self) -> Callable[..., int] | None:
+        calls = self._functions()
+        if not self._gather_loaded:  # once, on the first launching thread (its context current)
+            self._gather_loaded = True
+            from handlers.cuda_gather import GatherKernel
+
+            kernel = GatherKernel(self.gather_device)
+            why = kernel.load()
+            if why is None:
+                calls["gather"] = kernel.launch
+            else:
+                log.warning("no gather kernel (%s): one driver copy per part", why)
+        return calls.get("gather")
 
     def target(self, tensor) -> RawTarget | None:
         """``tensor`` (a CUDA tensor, rows on its first axis) as a target of raw copies on the
@@ -86,7 +111,9 @@ class CudaDriver:
         import torch
 
         stream = torch.cuda.current_stream(tensor.device).cuda_stream
-        return RawTarget(self, tensor.data_ptr(), tuple(tensor.shape), dtype, stream)
+        return RawTarget(
+            self, tensor.data_ptr(), tuple(tensor.shape), dtype, stream, gather=self.can("gather")
+        )
 
     def host_to_device(self, device_address: int, host_address: int, nbytes: int, stream: int) -> bool:
         """Queue one copy on ``stream`` (a raw handle, from a :meth:`target`); False, and the path
@@ -100,6 +127,30 @@ class CudaDriver:
     def device_to_device(self, target: int, source: int, nbytes: int, stream: int) -> bool:
         """Queue one copy between device addresses on ``stream``."""
         return self._queue("dtod", target, source, nbytes, stream)
+
+    def gather_copies(self, segments: list[tuple[int, int, int]], stream: int) -> None:
+        """Queue host-to-device copies (target, source, bytes; page-locked sources the device
+        may read) by gather launches where the kernel takes them, the rest one driver call each.
+        A failed launch turns the gather off (logged once); RuntimeError when a copy could be
+        queued neither way (the batch fails: the rows were handed over as queued)."""
+        from handlers.cuda_gather import MAX_SEGMENTS
+
+        done = 0
+        while done < len(segments) and self.can("gather"):
+            chunk = segments[done : done + MAX_SEGMENTS]
+            error = self._calls["gather"](chunk, stream)
+            if error != 0:
+                self.gather = False
+                log.warning(
+                    "the gather launch failed (CUDA error %d): one driver copy per part from now on", error
+                )
+                break
+            self.gathers += 1
+            self.gathered += len(chunk)
+            done += len(chunk)
+        for target, source, nbytes in segments[done:]:
+            if not self.host_to_device(target, source, nbytes, stream):
+                raise RuntimeError("a batch's copy to the device could not be queued")
 
     def launch_graph(self, graph_exec: int, stream: int) -> bool:
         """Launch an instantiated graph (``cudaGraphExec_t``) on ``stream``."""
@@ -126,12 +177,22 @@ class CudaDriver:
 class RawTarget:
     """A contiguous device tensor that rows are copied into by the driver."""
 
-    __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream")
+    __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream", "pending")
 
-    def __init__(self, copier: CudaDriver, address: int, shape: tuple, dtype: np.dtype, stream: int):
+    def __init__(
+        self,
+        copier: CudaDriver,
+        address: int,
+        shape: tuple,
+        dtype: np.dtype,
+        stream: int,
+        gather: bool = False,
+    ):
         self.copier, self.address, self.dtype, self.stream = copier, address, dtype, stream
         self.rows, self.row_shape = shape[0], shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
+        # with ``gather``, the copies put asks for, queued together by :meth:`flush`
+        self.pending: list[tuple[int, int, int]] | None = [] if gather else None
 
     def put(self, row: int, source: np.ndarray) -> bool:
         """Queue ``source`` (C-contiguous, page-locked, its rows shaped as the target's) into the
@@ -145,9 +206,18 @@ class RawTarget:
             or not source.flags.c_contiguous
         ):
             return False
-        return self.copier.host_to_device(
-            self.address + row * self.row_bytes, source.ctypes.data, source.nbytes, self.stream
-        )
+        target = self.address + row * self.row_bytes
+        if self.pending is not None:
+            self.pending.append((target, source.ctypes.data, source.nbytes))
+            return True
+        return self.copier.host_to_device(target, source.ctypes.data, source.nbytes, self.stream)
+
+    def flush(self) -> None:
+        """Queue the copies :meth:`put` gathered (one launch for up to 64); the caller must still
+        hold what keeps their sources page-locked (handlers.host_memory)."""
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.copier.gather_copies(pending, self.stream)
 
 
 _NUMPY_DTYPES: dict = {}

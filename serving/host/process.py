@@ -178,11 +178,14 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _cuda_copies(host: Host) -> None:
-    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch (Settings.cuda_copy)."""
+    """How a GPU host's CUDA runners queue a batch's work: through the driver (its copies one call
+    each, or one gather launch) or torch (Settings.cuda_copy)."""
     if host.device.kind == "cuda":
         from handlers.cuda_driver import DRIVER
 
-        DRIVER.enabled = host.settings.cuda_copy == "driver"
+        DRIVER.enabled = host.settings.cuda_copy in ("driver", "gather")
+        DRIVER.gather = host.settings.cuda_copy == "gather"
+        DRIVER.gather_device = host.device.index or 0
 
 
 def _pinning(host: Host):

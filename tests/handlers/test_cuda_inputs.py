@@ -238,3 +238,143 @@ def test_outputs_are_copied_out_of_the_reused_buffer_whichever_way(enabled, monk
     # past the size held under the GIL (and not contiguous): numpy copies
     monkeypatch.setattr(cuda_driver, "HOLD_GIL_BYTES", 16)
     np.testing.assert_array_equal(cuda_driver.host_copy(buffer[:, ::2], CudaDriver(calls={})), buffer[:, ::2])
+
+
+# -- one gather launch for a target's copies (ONEBOX_CUDA_COPY=gather), with a CPU "kernel" --------
+
+
+class FakeGather:
+    """Stands in for the gather kernel's launch: records each launch's segments and copies them."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.launches: list[list[tuple[int, int, int]]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, segments, stream: int) -> int:
+        self.launches.append(list(segments))
+        if self.fail_at is not None and len(self.launches) > self.fail_at:
+            return 719  # CUDA_ERROR_LAUNCH_FAILED
+        for target, source, nbytes in segments:
+            ctypes.memmove(target, source, nbytes)
+        return 0
+
+
+def gathered_run(parts, covered: set[int], calls: dict):
+    target = Target((sum(len(p) for p in parts), 3))
+    copier = CudaDriver(calls=calls)
+    copier.gather = True
+    raw = RawTarget(
+        copier, target.tensor.data_ptr(), tuple(target.tensor.shape), np.dtype(np.float32), 7,
+        gather=copier.can("gather"),
+    )  # fmt: skip
+
+    def host():
+        target.staging = torch.zeros(target.tensor.shape)
+        return target.staging
+
+    ids = {id(parts[i]) for i in covered}
+    _copy_parts(parts, target, lambda p: id(p) in ids, host, raw)
+    assert target.tensor.abs().sum() == 0, "nothing is copied before the flush"
+    raw.flush()
+    np.testing.assert_array_equal(target.tensor.numpy(), np.concatenate(parts))
+    return target, copier
+
+
+def test_with_gather_a_targets_copies_are_one_launch_in_row_order():
+    parts = parts_of(1, 2, 1, 1, 2)
+    gather, htod = FakeGather(), FakeDriver()
+    target, copier = gathered_run(parts, {2}, {"htod": htod, "gather": gather})
+    base, row = target.tensor.data_ptr(), 3 * 4
+    staging = target.staging.data_ptr()
+    assert gather.launches == [
+        [(base, staging, 3 * row), (base + 3 * row, parts[2].ctypes.data, row), (base + 4 * row, staging + 4 * row, 3 * row)]
+    ]  # fmt: skip
+    assert htod.calls == [] and target.copies == []  # neither the driver's copies nor torch's
+    assert copier.gathers == 1 and copier.gathered == 3 and copier.queued == 0
+
+
+def test_more_parts_than_a_launch_takes_are_split_over_launches():
+    from handlers.cuda_gather import MAX_SEGMENTS
+
+    parts = parts_of(*([1] * (MAX_SEGMENTS + 5)))
+    gather = FakeGather()
+    _, copier = gathered_run(parts, set(range(len(parts))), {"htod": FakeDriver(), "gather": gather})
+    assert [len(launch) for launch in gather.launches] == [MAX_SEGMENTS, 5]
+    assert copier.gathers == 2 and copier.gathered == MAX_SEGMENTS + 5
+
+
+def test_a_failed_launch_turns_the_gather_off_and_the_driver_copies_the_rest(caplog):
+    from handlers.cuda_gather import MAX_SEGMENTS
+
+    parts = parts_of(*([1] * (MAX_SEGMENTS + 3)))
+    gather, htod = FakeGather(fail_at=1), FakeDriver()
+    _, copier = gathered_run(parts, set(range(len(parts))), {"htod": htod, "gather": gather})
+    assert len(gather.launches) == 2  # the first launch copied 64 parts, the second failed
+    assert len(htod.calls) == 3 and copier.queued == 3
+    assert not copier.can("gather") and copier.enabled  # the driver's copies stay on
+    assert "CUDA error 719" in caplog.text
+
+
+def test_a_copy_neither_way_can_queue_fails_the_batch():
+    parts = parts_of(1, 1)
+    copier = CudaDriver(calls={"htod": FakeDriver(fail_at=0), "gather": FakeGather(fail_at=0)})
+    copier.gather = True
+    tensor = torch.zeros((2, 3))
+    raw = RawTarget(copier, tensor.data_ptr(), (2, 3), np.dtype(np.float32), 0, gather=True)
+    assert raw.put(0, parts[0]) and raw.put(1, parts[1])
+    with pytest.raises(RuntimeError, match="could not be queued"):
+        raw.flush()
+
+
+def test_without_a_gather_function_the_driver_copies_one_part_a_call():
+    copier = CudaDriver(calls={"htod": FakeDriver()})
+    copier.gather = True  # asked for, but there is no kernel
+    assert not copier.can("gather")
+    parts = parts_of(2, 1)
+    _, copier = raw_run(parts, {0, 1}, FakeDriver())
+    assert copier.queued == 2 and copier.gathers == 0
+
+
+# -- the kernel's argument and grid (handlers.cuda_gather), checked without a GPU ----------------
+
+
+def test_the_segment_table_is_laid_out_as_the_kernels_struct():
+    from handlers import cuda_gather
+
+    assert ctypes.sizeof(cuda_gather.Segment) == 24
+    assert (
+        ctypes.sizeof(cuda_gather.Table) == 24 * cuda_gather.MAX_SEGMENTS <= 4096
+    )  # a kernel argument's limit
+    assert f"#define ONEBOX_MAX_SEGMENTS {cuda_gather.MAX_SEGMENTS}\n" in cuda_gather.SOURCE
+    table = cuda_gather.Table()
+    cuda_gather.fill(table, [(1, 2, 3), (4, 5, 6)])
+    words = (ctypes.c_uint64 * 6).from_buffer(table)
+    assert list(words) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "count,largest,sms,blocks",
+    [
+        (18, 750_000, 132, 15),  # ~2 blocks a multiprocessor over 18 rows
+        (1, 750_000, 132, 184),  # one segment: as many blocks as it has 16-byte loads for
+        (1, 4096, 132, 1),  # a small segment needs one block
+        (200, 750_000, 132, 2),
+    ],
+)
+def test_blocks_per_segment(count, largest, sms, blocks):
+    from handlers.cuda_gather import blocks_per_segment
+
+    assert blocks_per_segment(count, largest, sms) == blocks
+
+
+def test_the_kernel_compiles_with_nvrtc_for_a_hopper_gpu():
+    from handlers import cuda_gather
+
+    try:
+        cuda_gather._nvrtc()
+    except OSError:
+        pytest.skip("needs NVRTC (libnvrtc, which CUDA builds of torch bring)")
+    image = cuda_gather.compile_kernel("90")
+    assert image[:4] == b"\x7fELF" and cuda_gather.KERNEL_NAME.encode() in image
+    with pytest.raises(RuntimeError, match="could not compile"):
+        cuda_gather.compile_kernel("1")  # no such architecture: NVRTC's log is in the error

@@ -86,15 +86,17 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
         assert not covers(view)
 
 
-@pytest.fixture(params=["driver", "torch"])
+@pytest.fixture(params=["driver", "gather", "torch"])
 def copies(request):
-    """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``."""
+    """Copies to the device queued by the driver (the default), by one gather kernel launch per
+    input (the driver for the rest), or by ``Tensor.copy_``."""
     from handlers.cuda_driver import DRIVER
 
-    was = DRIVER.enabled
-    DRIVER.enabled = request.param == "driver"
+    was = DRIVER.enabled, DRIVER.gather
+    DRIVER.enabled = request.param in ("driver", "gather")
+    DRIVER.gather = request.param == "gather"
     yield request.param, DRIVER
-    DRIVER.enabled = was
+    DRIVER.enabled, DRIVER.gather = was
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
@@ -102,7 +104,7 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
     tmp_path, regions, graphs, copies
 ):
     way, driver = copies
-    queued, launched = driver.queued, driver.launched
+    queued, launched, gathers = driver.queued, driver.launched, driver.gathers
     model = Deep(64, 4).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
@@ -124,10 +126,14 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
             out[rows:], np.repeat(out[rows - 1 : rows], len(batch) - rows, 0), atol=1e-5
         )
     # the driver took the copies (none failed: a failure turns it off), or torch did them all
-    assert driver.enabled == (way == "driver")
-    assert (driver.queued > queued) == (way == "driver")
+    assert driver.enabled == (way != "torch")
+    if way == "gather":  # one launch per batch made the copies from the host; none failed
+        assert driver.can("gather") and driver.gathers >= gathers + 4
+    else:
+        assert driver.gathers == gathers
+        assert (driver.queued > queued) == (way == "driver")
     # the driver also recorded the batches' events (and launched the graphs)
-    assert (driver.launched > launched) == (way == "driver")
+    assert (driver.launched > launched) == (way != "torch")
     handler.unload()
 
 
@@ -154,7 +160,9 @@ def test_a_graph_that_draws_random_numbers_is_replayed_by_torch_never_by_the_dri
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, regions, graphs, depth):
+def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(
+    tmp_path, regions, graphs, depth, copies
+):
     # as the host runs on a GPU: requests arrive in registered regions (every other one in plain
     # memory), batch N+1's copies run on a copy stream while N computes (depth 2: in the twin
     # lane), so a device buffer or graph input reused too early would mix requests up
@@ -184,3 +192,38 @@ def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path
     check_answers(batcher, model, plain, futures)
     assert "Rows" in launches and len(launches) < len(xs)  # batched, and handed over unjoined
     handler.unload()
+
+
+def test_the_gather_kernel_copies_aligned_and_unaligned_segments_from_host_memory(regions):
+    # what the kernel reads: a registered read-only region and torch's pinned memory, at their
+    # host addresses; 16-byte loads where a segment allows them, bytes elsewhere
+    from handlers.cuda_gather import MAX_SEGMENTS, GatherKernel
+
+    kernel = GatherKernel(0)
+    torch.cuda.synchronize()  # this thread's context current, as a launching thread's is
+    why = kernel.load()
+    assert why is None, why
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    region, (view,) = in_region([data])
+    assert regions(region) is not None
+    pinned = torch.from_numpy(rng.integers(0, 256, 1 << 16, dtype=np.uint8)).pin_memory()
+    out = torch.zeros(3 << 20, dtype=torch.uint8, device="cuda")
+    base = out.data_ptr()
+    segments = [
+        (base, view.ctypes.data, 1 << 20),  # aligned, a whole region
+        (base + (1 << 20), pinned.data_ptr(), 1 << 16),  # aligned, pinned memory
+        (base + (1 << 20) + (1 << 16) + 3, view.ctypes.data + 5, 1001),  # unaligned
+    ] + [(base + (2 << 20) + 48 * i, view.ctypes.data + 16 * i, 48) for i in range(MAX_SEGMENTS - 3)]
+    stream = torch.cuda.current_stream()
+    assert kernel.launch(segments, stream.cuda_stream) == 0
+    stream.synchronize()
+    expected = np.zeros(3 << 20, np.uint8)
+    for target, source, nbytes in segments:
+        at = target - base
+        if source == pinned.data_ptr():
+            expected[at : at + nbytes] = pinned.numpy()[:nbytes]
+        else:
+            offset = source - view.ctypes.data
+            expected[at : at + nbytes] = data[offset : offset + nbytes]
+    np.testing.assert_array_equal(out.cpu().numpy(), expected)
