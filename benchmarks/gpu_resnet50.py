@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import batch_totals, server_roles  # noqa: E402
+from benchmarks.harness import batch_totals, pin_cpus, server_roles  # noqa: E402
 from handlers.cuda_graphs import capture_graph  # noqa: E402
 from serving.bench.loadgen import run_load  # noqa: E402
 from serving.host.devices import gpu_utilisation  # noqa: E402
@@ -300,8 +300,9 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
            lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "on",
            sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0", copy_threads: int = 0,
-           pin: str = "on", h2d: str = "driver") -> dict:  # fmt: skip
-    """Throughput and latency through `onebox serve`, one image per request."""
+           pin: str = "on", h2d: str = "driver", host_cpus: int = 0) -> dict:  # fmt: skip
+    """Throughput and latency through `onebox serve`, one image per request; ``host_cpus``: the
+    hosts get that many CPUs of their own, the frontends and the load the others (0: no pinning)."""
     (model_dir / "onebox.toml").write_text(
         config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind, copy_threads)
     )
@@ -339,6 +340,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     started = time.perf_counter()
     with Server(model_dir, env=env, workers=workers, threads=threads, ready_timeout=600) as server:
         print(f"served {label}/{dtype}: ready in {time.perf_counter() - started:.1f}s", flush=True)
+        if host_cpus:
+            print(f"        {pin_cpus(server.proc.pid, host_cpus)}", flush=True)
         url = f"http://127.0.0.1:{server.port}/invocations"
         for conc in concurrencies:
             processes = 1 if conc == 1 else min(6, max(2, conc // 32))
@@ -416,6 +419,8 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 ),
                 flush=True,
             )
+    if host_cpus:  # this process's own CPUs back, for the next server it starts
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
     return results
 
 
@@ -492,6 +497,9 @@ def main(argv=None) -> int:
                         help="how hosts queue a batch's CUDA work (ONEBOX_CUDA_COPY): driver (copies, graph "
                              "launch, copies out and events through the driver, GIL held), gather (the same, an input's copies by one "
                              "kernel launch) or torch, e.g. driver,gather")  # fmt: skip
+    parser.add_argument("--host-cpus", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                        help="CPUs (whole cores) the model hosts get to themselves, the frontends and the load "
+                             "the rest; 0: no pinning, e.g. 0,2")  # fmt: skip
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -521,7 +529,7 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for hosts, lanes, sync, pipeline, gather, copy, pin, h2d in itertools.product(
+            for hosts, lanes, sync, pipeline, gather, copy, pin, h2d, host_cpus in itertools.product(
                 args.hosts,
                 args.lanes,
                 args.sync,
@@ -530,26 +538,29 @@ def main(argv=None) -> int:
                 args.copy_threads,
                 args.pin,
                 args.h2d,
+                args.host_cpus,
             ):
                 piped = {"off": "serial", "on": "pipelined", "ahead": "ahead"}[pipeline]
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
-                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}, pin {pin}, h2d {h2d}",
+                    f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}, pin {pin}, h2d {h2d}, "
+                    f"host cpus {host_cpus or 'any'}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, args.workers, args.profile,
                              hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
-                             args.graph_sizes, gather, copy, pin, h2d)  # fmt: skip
+                             args.graph_sizes, gather, copy, pin, h2d, host_cpus)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
                 report[
                     f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}/pin{pin}/{h2d}"
+                    + (f"/cpus{host_cpus}" if host_cpus else "")
                 ] = {
                     "offline": off,
                     "served": srv,
                 }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}, h2d {h2d}: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}, h2d {h2d}, host cpus {host_cpus or 'any'}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

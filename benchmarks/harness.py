@@ -146,6 +146,58 @@ def server_roles(pid: int) -> dict[str, list]:
     return roles
 
 
+def split_cpus(count: int, cpus: list[int] | None = None, siblings: dict[int, tuple[int, ...]] | None = None):
+    """``count`` CPUs for the model hosts, taken as whole physical cores from the end of the
+    list, and the rest: ``(host_cpus, other_cpus)``. ``siblings``: each CPU's hyperthread
+    siblings (default: read from sysfs)."""
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if siblings is None:
+        siblings = {}
+        for cpu in cpus:
+            try:
+                text = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+            except OSError:
+                text = str(cpu)
+            siblings[cpu] = tuple(_cpu_list(text))
+    hosts: list[int] = []
+    for cpu in reversed(cpus):
+        if len(hosts) >= count:
+            break
+        if cpu not in hosts:
+            hosts += [c for c in siblings.get(cpu, (cpu,)) if c in cpus and c not in hosts]
+    rest = [c for c in cpus if c not in hosts]
+    if not rest:
+        raise ValueError(f"{count} CPUs for the hosts leave none of {len(cpus)} for the frontends")
+    return sorted(hosts), rest
+
+
+def _cpu_list(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if "-" in part:
+            low, high = part.split("-")
+            out += range(int(low), int(high) + 1)
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def pin_cpus(pid: int, count: int) -> str:
+    """Give the server's model hosts ``count`` CPUs of their own (whole cores), and its frontends
+    and this process (so the load generators it starts) the others; a description."""
+    hosts, rest = split_cpus(count)
+    roles = server_roles(pid)
+    for role, cpus in (("host", hosts), ("frontend", rest)):
+        for proc in roles[role]:
+            for thread in proc.threads():
+                try:
+                    os.sched_setaffinity(thread.id, cpus)
+                except OSError:
+                    pass
+    os.sched_setaffinity(0, rest)
+    return f"hosts on CPUs {hosts}, frontends and load on {len(rest)} others"
+
+
 #: the hosts' time sums (seconds) batch_totals adds up, see ``Host.batch_stats`` in serving/host/process.py
 TIME_KEYS = ("queue_s", "build_s", "launch_s", "compute_s", "starved_s", "answer_s", "arrive_s")
 

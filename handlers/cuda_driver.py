@@ -40,8 +40,10 @@ class CudaDriver:
     time another thread runs Python. Copies to or from the host only for page-locked memory
     (registered regions, pinned buffers): from pageable memory the driver would copy
     synchronously, GIL held. The calling thread must have the device's context current, as a
-    thread that ran CUDA work through torch has. A call that fails turns the driver path off
-    for the process (logged once); that call and every later one go through torch.
+    thread that ran CUDA work through torch has; on a thread that has none (a call answered
+    ``CUDA_ERROR_INVALID_CONTEXT``) the device's primary context, the one torch uses, is made
+    current and the call made again. A call that fails turns the driver path off for the
+    process (logged once); that call and every later one go through torch.
     """
 
     def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
@@ -52,9 +54,12 @@ class CudaDriver:
         the driver's is the kernel of handlers.cuda_gather, loaded on first use."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
         self.gather = False  # a target's copies made by one gather launch (Settings.cuda_copy)
-        self.gather_device = 0  # the device the gather kernel is loaded for
+        self.device_index = 0  # the host's device: its primary context, the gather kernel's device
         self._calls = calls
-        self._gather_loaded = calls is not None  # tests' calls have their gather or none
+        self._real = calls is None  # the driver's own functions, not a test's
+        self._gather_loaded = not self._real  # tests' calls have their gather or none
+        # what makes the device's context current on a thread that has none (tests give theirs)
+        self.make_current: Callable[[int], bool] | None = make_current if self._real else None
         self.queued = 0  # copies the driver took
         self.launched = 0  # graph launches and event records the driver took
         self.gathers = 0  # gather launches, and the copies (segments) they made
@@ -92,7 +97,7 @@ class CudaDriver:
             self._gather_loaded = True
             from handlers.cuda_gather import GatherKernel
 
-            kernel = GatherKernel(self.gather_device)
+            kernel = GatherKernel(self.device_index)
             why = kernel.load()
             if why is None:
                 calls["gather"] = kernel.launch
@@ -138,7 +143,7 @@ class CudaDriver:
         done = 0
         while done < len(segments) and self.can("gather"):
             chunk = segments[done : done + MAX_SEGMENTS]
-            error = self._calls["gather"](chunk, stream)
+            error = self._call("gather", chunk, stream)
             if error != 0:
                 self.gather = False
                 log.warning(
@@ -163,7 +168,7 @@ class CudaDriver:
     def _queue(self, name: str, *args, count: str = "queued") -> bool:
         if not self.can(name):  # off, or turned off by a failure earlier in this batch
             return False
-        error = self._calls[name](*args)
+        error = self._call(name, *args)
         if error != 0:
             self.enabled = False
             log.warning(
@@ -172,6 +177,38 @@ class CudaDriver:
             return False
         setattr(self, count, getattr(self, count) + 1)
         return True
+
+    def _call(self, name: str, *args) -> int:
+        error = self._calls[name](*args)
+        if (
+            error == INVALID_CONTEXT
+            and self.make_current is not None
+            and self.make_current(self.device_index)
+        ):
+            error = self._calls[name](*args)  # a thread that had never used the device
+        return error
+
+
+#: CUDA_ERROR_INVALID_CONTEXT: the calling thread has no context current
+INVALID_CONTEXT = 201
+_contexts: dict[int, ctypes.c_void_p] = {}
+
+
+def make_current(device_index: int) -> bool:
+    """Make the device's primary context (the CUDA runtime's, so torch's) current on this thread."""
+    try:
+        cuda = ctypes.PyDLL("libcuda.so.1")
+    except OSError:
+        return False
+    context = _contexts.get(device_index)
+    if context is None:
+        device, context = ctypes.c_int(), ctypes.c_void_p()
+        if cuda.cuDeviceGet(ctypes.byref(device), device_index) != 0:
+            return False
+        if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) != 0:  # held for good
+            return False
+        _contexts[device_index] = context
+    return cuda.cuCtxSetCurrent(context) == 0
 
 
 class RawTarget:

@@ -94,8 +94,8 @@ def fill(table: Table, segments: Sequence[tuple[int, int, int]]) -> None:
 class GatherKernel:
     """The compiled kernel in this process's CUDA context, launched through the driver.
 
-    Loaded on first use by a thread with the device's context current (one that ran CUDA work
-    through torch). :meth:`launch` returns the ``CUresult`` of the launch (0: queued).
+    Loaded into the device's primary context (torch's), made current on the loading thread if
+    it has none. :meth:`launch` returns the ``CUresult`` of the launch (0: queued).
     """
 
     def __init__(self, device_index: int = 0):
@@ -130,7 +130,10 @@ class GatherKernel:
             return "the device cannot read registered host memory at its host address"
         context = ctypes.c_void_p()
         if cuda.cuCtxGetCurrent(ctypes.byref(context)) != 0 or not context.value:
-            return "no CUDA context is current on the launching thread"
+            from handlers.cuda_driver import make_current
+
+            if not make_current(self.device_index):
+                return "the device's primary context cannot be made current"
         try:
             image = compile_kernel(f"{attributes['major']}{attributes['minor']}")
         except (OSError, RuntimeError) as exc:

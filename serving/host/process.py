@@ -185,7 +185,7 @@ def _cuda_copies(host: Host) -> None:
 
         DRIVER.enabled = host.settings.cuda_copy in ("driver", "gather")
         DRIVER.gather = host.settings.cuda_copy == "gather"
-        DRIVER.gather_device = host.device.index or 0
+        DRIVER.device_index = host.device.index or 0
 
 
 def _pinning(host: Host):

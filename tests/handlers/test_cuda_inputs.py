@@ -378,3 +378,34 @@ def test_the_kernel_compiles_with_nvrtc_for_a_hopper_gpu():
     assert image[:4] == b"\x7fELF" and cuda_gather.KERNEL_NAME.encode() in image
     with pytest.raises(RuntimeError, match="could not compile"):
         cuda_gather.compile_kernel("1")  # no such architecture: NVRTC's log is in the error
+
+
+def test_a_thread_without_the_devices_context_gets_it_made_current_and_the_call_made_again():
+    # a batcher thread that never ran CUDA work through torch: the driver answers
+    # CUDA_ERROR_INVALID_CONTEXT, where the path used to turn itself off for the process
+    from handlers.cuda_driver import INVALID_CONTEXT
+
+    current = set()
+    copies = FakeDriver()
+
+    def htod(*args):
+        if "this thread" not in current:
+            return INVALID_CONTEXT
+        return copies(*args)
+
+    def make_current(device_index):
+        assert device_index == 2
+        current.add("this thread")
+        return True
+
+    copier = CudaDriver(calls={"htod": htod})
+    copier.device_index, copier.make_current = 2, make_current
+    source, target = np.arange(6, dtype=np.float32), np.zeros(6, np.float32)
+    assert copier.host_to_device(target.ctypes.data, source.ctypes.data, source.nbytes, 0)
+    np.testing.assert_array_equal(target, source)
+    assert copier.enabled and copier.queued == 1
+    # a context that cannot be made current: the call fails as before, and the path goes off
+    failing = CudaDriver(calls={"htod": lambda *args: INVALID_CONTEXT})
+    failing.make_current = lambda index: False
+    assert not failing.host_to_device(target.ctypes.data, source.ctypes.data, source.nbytes, 0)
+    assert not failing.enabled

@@ -227,3 +227,28 @@ def test_the_gather_kernel_copies_aligned_and_unaligned_segments_from_host_memor
             offset = source - view.ctypes.data
             expected[at : at + nbytes] = data[offset : offset + nbytes]
     np.testing.assert_array_equal(out.cpu().numpy(), expected)
+
+
+def test_the_driver_queues_from_a_thread_that_never_used_the_device():
+    # as a batcher thread whose first CUDA work is a driver copy: the runtime never made the
+    # device's context current there, and the driver path used to turn itself off for good
+    import threading
+
+    from handlers.cuda_driver import CudaDriver
+
+    driver = CudaDriver.load()
+    assert driver is not None
+    source = torch.arange(1024, dtype=torch.float32).pin_memory()
+    target = torch.zeros(1024, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            driver.host_to_device(target.data_ptr(), source.data_ptr(), source.nbytes, stream)
+        )
+    )
+    thread.start()
+    thread.join()
+    torch.cuda.synchronize()
+    assert results == [True] and driver.enabled
+    torch.testing.assert_close(target.cpu(), source)

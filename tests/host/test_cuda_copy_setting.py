@@ -13,9 +13,9 @@ from serving.settings import Settings
 
 @pytest.fixture
 def restore():
-    was = DRIVER.enabled, DRIVER.gather, DRIVER.gather_device
+    was = DRIVER.enabled, DRIVER.gather, DRIVER.device_index
     yield
-    DRIVER.enabled, DRIVER.gather, DRIVER.gather_device = was
+    DRIVER.enabled, DRIVER.gather, DRIVER.device_index = was
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_a_cuda_host_turns_the_driver_path_and_its_gather_on_or_off(restore, val
     settings = Settings.from_env({"ONEBOX_CUDA_COPY": value})
     _cuda_copies(SimpleNamespace(device=SimpleNamespace(kind="cuda", index=3), settings=settings))
     assert DRIVER.enabled is enabled and DRIVER.gather is gather
-    assert DRIVER.gather_device == 3  # the kernel is loaded for the host's own device
+    assert DRIVER.device_index == 3  # the kernel is loaded for the host's own device
 
 
 def test_a_cpu_host_leaves_it_alone(restore):
