@@ -19,8 +19,8 @@ spread across them, as a serving host holds one region per frontend link (~150 a
 at all; one ``torch.cat`` of the parts as CUDA views of the registered memory, read by the
 device's own threads over the bus (zero-copy), 8 bytes a load where every part is aligned. The
 last table gives each way's device time for the batch with the device otherwise idle.
-``gather kernel``: the same reads by the kernel of ``handlers/cuda_gather.py``, one launch for
-all the parts through ``ctypes.PyDLL`` (GIL held), as ``ONEBOX_CUDA_COPY=gather`` queues them.
+``gather kernel``: the same reads by the kernel of ``benchmarks/gather_kernel.py``, one launch for
+all the parts through ``ctypes.PyDLL`` (GIL held).
 
 Usage: ``python3 benchmarks/gpu_copy_calls.py [--parts 18] [--rows 5] [--switch-ms 0.5] [--memfd]
 [--regions 1] [--busy-procs 0] [--map]``
@@ -211,7 +211,7 @@ def main() -> None:
     ways = {"torch copy_": with_torch}
     if copier:
         ways["driver (PyDLL)"] = with_driver
-    from handlers.cuda_gather import GatherKernel
+    from benchmarks.gather_kernel import GatherKernel
 
     kernel = GatherKernel(0)
     why = kernel.load()

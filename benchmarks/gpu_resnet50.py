@@ -515,8 +515,7 @@ def main(argv=None) -> int:
                              "requests from them (ONEBOX_IPC_PIN); off: joined on the host, e.g. on,off")  # fmt: skip
     parser.add_argument("--h2d", type=lambda t: t.split(","), default=["driver"],
                         help="how hosts queue a batch's CUDA work (ONEBOX_CUDA_COPY): driver (copies, graph "
-                             "launch, copies out and events through the driver, GIL held), gather (the same, an input's copies by one "
-                             "kernel launch) or torch, e.g. driver,gather")  # fmt: skip
+                             "launch, copies out and events through the driver, GIL held) or torch, e.g. driver,torch")  # fmt: skip
     parser.add_argument("--host-cpus", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                         help="CPUs (whole cores) the model hosts get to themselves, the frontends and the load "
                              "the rest; 0: no pinning, e.g. 0,2")  # fmt: skip

@@ -5,9 +5,7 @@ to the switch interval while the reader and answer threads run Python. A driver 
 ``ctypes.PyDLL`` keeps the GIL for the microseconds it takes to queue. Queuing a batch's ~18
 copies beside a busy Python thread took 0.17 ms this way against 24 ms through ``Tensor.copy_``;
 served throughput on an H200 did not move measurably (benchmarks/RESULTS.md, sixteenth and
-seventeenth sessions). ``ONEBOX_CUDA_COPY=torch`` turns the path off (``DRIVER.enabled``);
-``ONEBOX_CUDA_COPY=gather`` has a batch input's copies made by one kernel launch instead
-(``DRIVER.gather``, handlers.cuda_gather).
+seventeenth sessions). ``ONEBOX_CUDA_COPY=torch`` turns the path off (``DRIVER.enabled``).
 """
 
 from __future__ import annotations
@@ -47,23 +45,16 @@ class CudaDriver:
     """
 
     def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
-        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``, ``gather``) -> a
-        function returning a ``CUresult``, instead of the driver's (tests give ones that copy
-        between CPU buffers); a name left out is not queued by the driver. ``gather`` takes
-        ``(segments, stream)``, up to ``cuda_gather.MAX_SEGMENTS`` (target, source, bytes) copies;
-        the driver's is the kernel of handlers.cuda_gather, loaded on first use."""
+        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``) -> a function
+        returning a ``CUresult``, instead of the driver's (tests give ones that copy between
+        CPU buffers); a name left out is not queued by the driver."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
-        self.gather = False  # a target's copies made by one gather launch (Settings.cuda_copy)
-        self.device_index = 0  # the host's device: its primary context, the gather kernel's device
+        self.device_index = 0  # the host's device, whose primary context a call may need
         self._calls = calls
-        self._real = calls is None  # the driver's own functions, not a test's
-        self._gather_loaded = not self._real  # tests' calls have their gather or none
         # what makes the device's context current on a thread that has none (tests give theirs)
-        self.make_current: Callable[[int], bool] | None = make_current if self._real else None
+        self.make_current: Callable[[int], bool] | None = make_current if calls is None else None
         self.queued = 0  # copies the driver took
         self.launched = 0  # graph launches and event records the driver took
-        self.gathers = 0  # gather launches, and the copies (segments) they made
-        self.gathered = 0
 
     @classmethod
     def load(cls) -> CudaDriver | None:
@@ -87,23 +78,7 @@ class CudaDriver:
 
     def can(self, name: str) -> bool:
         """Whether the driver queues calls of this kind now."""
-        if name == "gather":
-            return self.enabled and self.gather and self._gather_function() is not None
         return self.enabled and name in self._functions()
-
-    def _gather_function(self) -> Callable[..., int] | None:
-        calls = self._functions()
-        if not self._gather_loaded:  # once, on the first launching thread (its context current)
-            self._gather_loaded = True
-            from handlers.cuda_gather import GatherKernel
-
-            kernel = GatherKernel(self.device_index)
-            why = kernel.load()
-            if why is None:
-                calls["gather"] = kernel.launch
-            else:
-                log.warning("no gather kernel (%s): one driver copy per part", why)
-        return calls.get("gather")
 
     def target(self, tensor) -> RawTarget | None:
         """``tensor`` (a CUDA tensor, rows on its first axis) as a target of raw copies on the
@@ -116,9 +91,7 @@ class CudaDriver:
         import torch
 
         stream = torch.cuda.current_stream(tensor.device).cuda_stream
-        return RawTarget(
-            self, tensor.data_ptr(), tuple(tensor.shape), dtype, stream, gather=self.can("gather")
-        )
+        return RawTarget(self, tensor.data_ptr(), tuple(tensor.shape), dtype, stream)
 
     def host_to_device(self, device_address: int, host_address: int, nbytes: int, stream: int) -> bool:
         """Queue one copy on ``stream`` (a raw handle, from a :meth:`target`); False, and the path
@@ -133,30 +106,6 @@ class CudaDriver:
         """Queue one copy between device addresses on ``stream``."""
         return self._queue("dtod", target, source, nbytes, stream)
 
-    def gather_copies(self, segments: list[tuple[int, int, int]], stream: int) -> None:
-        """Queue host-to-device copies (target, source, bytes; page-locked sources the device
-        may read) by gather launches where the kernel takes them, the rest one driver call each.
-        A failed launch turns the gather off (logged once); RuntimeError when a copy could be
-        queued neither way (the batch fails: the rows were handed over as queued)."""
-        from handlers.cuda_gather import MAX_SEGMENTS
-
-        done = 0
-        while done < len(segments) and self.can("gather"):
-            chunk = segments[done : done + MAX_SEGMENTS]
-            error = self._call("gather", chunk, stream)
-            if error != 0:
-                self.gather = False
-                log.warning(
-                    "the gather launch failed (CUDA error %d): one driver copy per part from now on", error
-                )
-                break
-            self.gathers += 1
-            self.gathered += len(chunk)
-            done += len(chunk)
-        for target, source, nbytes in segments[done:]:
-            if not self.host_to_device(target, source, nbytes, stream):
-                raise RuntimeError("a batch's copy to the device could not be queued")
-
     def launch_graph(self, graph_exec: int, stream: int) -> bool:
         """Launch an instantiated graph (``cudaGraphExec_t``) on ``stream``."""
         return self._queue("graph", graph_exec, stream, count="launched")
@@ -168,7 +117,13 @@ class CudaDriver:
     def _queue(self, name: str, *args, count: str = "queued") -> bool:
         if not self.can(name):  # off, or turned off by a failure earlier in this batch
             return False
-        error = self._call(name, *args)
+        error = self._calls[name](*args)
+        if (
+            error == INVALID_CONTEXT
+            and self.make_current is not None
+            and self.make_current(self.device_index)
+        ):
+            error = self._calls[name](*args)  # a thread that had never used the device
         if error != 0:
             self.enabled = False
             log.warning(
@@ -177,16 +132,6 @@ class CudaDriver:
             return False
         setattr(self, count, getattr(self, count) + 1)
         return True
-
-    def _call(self, name: str, *args) -> int:
-        error = self._calls[name](*args)
-        if (
-            error == INVALID_CONTEXT
-            and self.make_current is not None
-            and self.make_current(self.device_index)
-        ):
-            error = self._calls[name](*args)  # a thread that had never used the device
-        return error
 
 
 #: CUDA_ERROR_INVALID_CONTEXT: the calling thread has no context current
@@ -214,22 +159,12 @@ def make_current(device_index: int) -> bool:
 class RawTarget:
     """A contiguous device tensor that rows are copied into by the driver."""
 
-    __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream", "pending")
+    __slots__ = ("copier", "address", "rows", "row_shape", "row_bytes", "dtype", "stream")
 
-    def __init__(
-        self,
-        copier: CudaDriver,
-        address: int,
-        shape: tuple,
-        dtype: np.dtype,
-        stream: int,
-        gather: bool = False,
-    ):
+    def __init__(self, copier: CudaDriver, address: int, shape: tuple, dtype: np.dtype, stream: int):
         self.copier, self.address, self.dtype, self.stream = copier, address, dtype, stream
         self.rows, self.row_shape = shape[0], shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
-        # with ``gather``, the copies put asks for, queued together by :meth:`flush`
-        self.pending: list[tuple[int, int, int]] | None = [] if gather else None
 
     def put(self, row: int, source: np.ndarray) -> bool:
         """Queue ``source`` (C-contiguous, page-locked, its rows shaped as the target's) into the
@@ -243,18 +178,9 @@ class RawTarget:
             or not source.flags.c_contiguous
         ):
             return False
-        target = self.address + row * self.row_bytes
-        if self.pending is not None:
-            self.pending.append((target, source.ctypes.data, source.nbytes))
-            return True
-        return self.copier.host_to_device(target, source.ctypes.data, source.nbytes, self.stream)
-
-    def flush(self) -> None:
-        """Queue the copies :meth:`put` gathered (one launch for up to 64); the caller must still
-        hold what keeps their sources page-locked (handlers.host_memory)."""
-        if self.pending:
-            pending, self.pending = self.pending, []
-            self.copier.gather_copies(pending, self.stream)
+        return self.copier.host_to_device(
+            self.address + row * self.row_bytes, source.ctypes.data, source.nbytes, self.stream
+        )
 
 
 _NUMPY_DTYPES: dict = {}

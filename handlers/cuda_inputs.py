@@ -12,8 +12,6 @@ copied on the device.
 
 The copies are queued through the CUDA driver where it can take them
 (handlers.cuda_driver: the GIL kept for the microseconds each takes), else by ``Tensor.copy_``.
-With ``ONEBOX_CUDA_COPY=gather`` an input's driver copies are made by one launch of a kernel
-that reads the parts where they lie (handlers.cuda_gather).
 """
 
 from __future__ import annotations
@@ -96,8 +94,6 @@ def device_inputs(
             _copy_parts(
                 parts, target, covers, lambda slot=slot, a=array: staging(slot, a.shape, a.dtype), raw
             )
-            if raw is not None:
-                raw.flush()  # the copies put gathered: one kernel launch (ONEBOX_CUDA_COPY=gather)
             if rows < len(target):  # padding: the last real row again
                 _pad(target, rows, raw)
         if side is not None:

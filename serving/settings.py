@@ -63,9 +63,7 @@ class Settings:
     # device (handlers.host_memory)
     ipc_pin: bool = True
     # how a CUDA host queues a batch's copies, graph launch and events: "driver" (through the
-    # CUDA driver, the GIL kept), "gather" (the same, an input's copies made by one kernel
-    # launch: handlers.cuda_gather) or "torch" (which hands the GIL over per call)
-    # (handlers.cuda_driver)
+    # CUDA driver, the GIL kept) or "torch" (which hands the GIL over per call) (handlers.cuda_driver)
     cuda_copy: str = "driver"
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
@@ -122,7 +120,7 @@ class Settings:
             install_requirements=env.get("ONEBOX_INSTALL_REQUIREMENTS", _bool, True),
             ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
             ipc_pin=env.get("ONEBOX_IPC_PIN", _bool, True),
-            cuda_copy=env.get("ONEBOX_CUDA_COPY", _choice("driver", "gather", "torch"), "driver"),
+            cuda_copy=env.get("ONEBOX_CUDA_COPY", _choice("driver", "torch"), "driver"),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
             frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),

@@ -178,14 +178,12 @@ def _outputs_reply(outputs: Tensors) -> tuple[dict, list]:
 
 
 def _cuda_copies(host: Host) -> None:
-    """How a GPU host's CUDA runners queue a batch's work: through the driver (its copies one call
-    each, or one gather launch) or torch (Settings.cuda_copy)."""
+    """How a GPU host's CUDA runners queue a batch's work: through the driver or torch (Settings.cuda_copy)."""
     if host.device.kind == "cuda":
         from handlers.cuda_driver import DRIVER
 
-        DRIVER.enabled = host.settings.cuda_copy in ("driver", "gather")
-        DRIVER.gather = host.settings.cuda_copy == "gather"
-        DRIVER.device_index = host.device.index or 0
+        DRIVER.enabled = host.settings.cuda_copy == "driver"
+        DRIVER.device_index = host.device.index or 0  # whose context a thread without one gets
 
 
 def _pinning(host: Host):

@@ -86,17 +86,15 @@ def test_a_registered_region_is_page_locked_until_it_is_retired():
         assert not covers(view)
 
 
-@pytest.fixture(params=["driver", "gather", "torch"])
+@pytest.fixture(params=["driver", "torch"])
 def copies(request):
-    """Copies to the device queued by the driver (the default), by one gather kernel launch per
-    input (the driver for the rest), or by ``Tensor.copy_``."""
+    """Copies to the device queued by the driver (the default) or by ``Tensor.copy_``."""
     from handlers.cuda_driver import DRIVER
 
-    was = DRIVER.enabled, DRIVER.gather
-    DRIVER.enabled = request.param in ("driver", "gather")
-    DRIVER.gather = request.param == "gather"
+    was = DRIVER.enabled
+    DRIVER.enabled = request.param == "driver"
     yield request.param, DRIVER
-    DRIVER.enabled, DRIVER.gather = was
+    DRIVER.enabled = was
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
@@ -104,7 +102,7 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
     tmp_path, regions, graphs, copies
 ):
     way, driver = copies
-    queued, launched, gathers = driver.queued, driver.launched, driver.gathers
+    queued, launched = driver.queued, driver.launched
     model = Deep(64, 4).eval()
     torch.jit.script(model).save(str(tmp_path / "deep.pt"))
     config = ModelConfig(cuda_graphs=graphs, batch_sizes=(8,) if graphs else ())
@@ -126,14 +124,10 @@ def test_rows_from_registered_and_plain_memory_give_the_joined_batch_answers(
             out[rows:], np.repeat(out[rows - 1 : rows], len(batch) - rows, 0), atol=1e-5
         )
     # the driver took the copies (none failed: a failure turns it off), or torch did them all
-    assert driver.enabled == (way != "torch")
-    if way == "gather":  # one launch per batch made the copies from the host; none failed
-        assert driver.can("gather") and driver.gathers >= gathers + 4
-    else:
-        assert driver.gathers == gathers
-        assert (driver.queued > queued) == (way == "driver")
+    assert driver.enabled == (way == "driver")
+    assert (driver.queued > queued) == (way == "driver")
     # the driver also recorded the batches' events (and launched the graphs)
-    assert (driver.launched > launched) == (way != "torch")
+    assert (driver.launched > launched) == (way == "driver")
     handler.unload()
 
 
@@ -160,9 +154,7 @@ def test_a_graph_that_draws_random_numbers_is_replayed_by_torch_never_by_the_dri
 
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(
-    tmp_path, regions, graphs, depth, copies
-):
+def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(tmp_path, regions, graphs, depth):
     # as the host runs on a GPU: requests arrive in registered regions (every other one in plain
     # memory), batch N+1's copies run on a copy stream while N computes (depth 2: in the twin
     # lane), so a device buffer or graph input reused too early would mix requests up
@@ -195,9 +187,10 @@ def test_a_gathering_batcher_on_cuda_gives_every_request_its_own_answer(
 
 
 def test_the_gather_kernel_copies_aligned_and_unaligned_segments_from_host_memory(regions):
-    # what the kernel reads: a registered read-only region and torch's pinned memory, at their
-    # host addresses; 16-byte loads where a segment allows them, bytes elsewhere
-    from handlers.cuda_gather import MAX_SEGMENTS, GatherKernel
+    # benchmarks/gather_kernel.py (timed by gpu_copy_calls.py): what it reads is a registered
+    # read-only region and torch's pinned memory, at their host addresses; 16-byte loads where
+    # a segment allows them, bytes elsewhere
+    from benchmarks.gather_kernel import MAX_SEGMENTS, GatherKernel
 
     kernel = GatherKernel(0)
     torch.cuda.synchronize()  # this thread's context current, as a launching thread's is

@@ -13,20 +13,18 @@ from serving.settings import Settings
 
 @pytest.fixture
 def restore():
-    was = DRIVER.enabled, DRIVER.gather, DRIVER.device_index
+    was = DRIVER.enabled, DRIVER.device_index
     yield
-    DRIVER.enabled, DRIVER.gather, DRIVER.device_index = was
+    DRIVER.enabled, DRIVER.device_index = was
 
 
-@pytest.mark.parametrize(
-    "value,enabled,gather", [("driver", True, False), ("gather", True, True), ("torch", False, False)]
-)
-def test_a_cuda_host_turns_the_driver_path_and_its_gather_on_or_off(restore, value, enabled, gather):
-    DRIVER.enabled, DRIVER.gather = not enabled, not gather
+@pytest.mark.parametrize("value,enabled", [("driver", True), ("torch", False)])
+def test_a_cuda_host_turns_the_driver_path_on_or_off(restore, value, enabled):
+    DRIVER.enabled = not enabled
     settings = Settings.from_env({"ONEBOX_CUDA_COPY": value})
     _cuda_copies(SimpleNamespace(device=SimpleNamespace(kind="cuda", index=3), settings=settings))
-    assert DRIVER.enabled is enabled and DRIVER.gather is gather
-    assert DRIVER.device_index == 3  # the kernel is loaded for the host's own device
+    assert DRIVER.enabled is enabled
+    assert DRIVER.device_index == 3  # a thread without a context gets the host's own device's
 
 
 def test_a_cpu_host_leaves_it_alone(restore):

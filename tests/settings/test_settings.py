@@ -92,10 +92,9 @@ def test_a_bad_value_names_the_variable_and_the_value(name, value):
     assert repr(value) in str(info.value)
 
 
-def test_cuda_copies_go_through_the_driver_unless_told_torch_or_gather():
+def test_cuda_copies_go_through_the_driver_unless_told_torch():
     assert Settings.from_env({}).cuda_copy == "driver"
     assert Settings.from_env({"ONEBOX_CUDA_COPY": "torch"}).cuda_copy == "torch"
-    assert Settings.from_env({"ONEBOX_CUDA_COPY": "gather"}).cuda_copy == "gather"
 
 
 def test_batch_transform_payload_over_100_mb_is_refused():

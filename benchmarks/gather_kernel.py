@@ -1,20 +1,21 @@
 """A batch's copies to the device as one kernel that reads host memory, launched with the GIL held.
 
-The driver path (handlers.cuda_driver) queues one ``cuMemcpyHtoDAsync`` per part of a batch, ~17
-for a ResNet-50 batch of ~90 images at concurrency 256, each 6–12 µs in the driver while the
-launching thread holds the GIL and the device waits (benchmarks/RESULTS.md). A device whose
-threads may read registered host memory at its host address
-(``CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM``, as an H100 or H200 on Linux) can instead copy every
-part itself: one launch of a small kernel, given a table of (target, source, bytes) segments as
-its argument, reads each part where it lies (a registered region, or the lane's pinned staging
-buffer, which CUDA maps at its host address too). The launch goes through ``ctypes.PyDLL``, as
-the copies do: torch's ways of running a kernel give the GIL up and take it back, and beside the
-host's busy threads one retake cost ~0.6 ms.
+Measured by ``gpu_copy_calls.py`` (its ``gather kernel (PyDLL)`` way). A serving host queues
+one ``cuMemcpyHtoDAsync`` per part of a batch (handlers.cuda_driver), ~17 for a ResNet-50 batch
+of ~90 images at concurrency 256. A device whose threads may read registered host memory at its
+host address (``CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM``, as an H100 or H200 on Linux) can
+instead copy every part itself: one launch of a small kernel, given a table of (target, source,
+bytes) segments as its argument, reads each part where it lies (a registered region, or pinned
+memory, which CUDA maps at its host address too). The launch goes through ``ctypes.PyDLL``, as
+the driver copies do, so the GIL is kept.
 
-The kernel is compiled once per process by NVRTC (the library CUDA builds of torch bring) for the
-device's architecture. Anything missing (no NVRTC, a device that cannot use host pointers, a
-compile or load error) leaves the copies to the driver, logged once. ``ONEBOX_CUDA_COPY=gather``
-turns it on.
+It was tried as a serving path in the twenty-first session (``ONEBOX_CUDA_COPY=gather``,
+b82134c): on one H200 it queued 18 parts in 30 µs against 111 µs for 18 driver copies, but the
+batch's launch was no shorter served, and in two A/B runs it served less than the driver path
+(benchmarks/RESULTS.md). The serving path was taken out; the kernel stays here to be measured.
+
+The kernel is compiled by NVRTC (the library CUDA builds of torch bring) for the device's
+architecture.
 """
 
 from __future__ import annotations
