@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from benchmarks.harness import split_cpus
 
 
@@ -21,5 +23,14 @@ def test_without_hyperthreads_each_cpu_is_a_core():
 
 def test_the_machines_own_topology_leaves_someone_a_cpu():
     cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:  # one CPU cannot be split: said so, never an empty set for the frontends
+        with pytest.raises(ValueError, match="leave none"):
+            split_cpus(1)
+        return
     hosts, rest = split_cpus(1)
     assert hosts and set(hosts) | set(rest) == set(cpus) and not set(hosts) & set(rest)
+
+
+def test_taking_every_cpu_for_the_hosts_is_refused():
+    with pytest.raises(ValueError, match="leave none of 2"):
+        split_cpus(2, [0, 1], {0: (0,), 1: (1,)})
