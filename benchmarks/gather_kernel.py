@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-
-log = logging.getLogger(__name__)
 
 #: segments one launch copies (the table is the kernel's argument: 24 bytes a segment, 4 KB at most)
 MAX_SEGMENTS = 64
