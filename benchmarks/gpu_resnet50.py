@@ -318,12 +318,11 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
            profile_dir: Path | None = None, hosts: int = 1, threads: int = 64, graphs: bool = False,
            lanes: int = 1, worker_class: str = "loop", sync: str = "auto", pipeline: str = "on",
            sizes: tuple[int, ...] = GRAPH_SIZES, gather: str = "0", copy_threads: int = 0,
-           pin: str = "on", h2d: str = "driver", host_cpus: int = 0, load_processes: int = 0,
-           hold_ms: float = 0.0) -> dict:  # fmt: skip
+           pin: str = "on", h2d: str = "driver", host_cpus: int = 0, load_processes: int = 0) -> dict:  # fmt: skip
     """Throughput and latency through `onebox serve`, one image per request; ``host_cpus``: the
     hosts get that many CPUs of their own, the frontends and the load the others (0: no pinning);
     ``load_processes``: the load generator's processes at concurrency above 1 (0: one per 32
-    clients, 2 to 6); ``hold_ms``: ONEBOX_FRONTEND_HOLD_MS (0: to the end of the loop's turn)."""
+    clients, 2 to 6)."""
     (model_dir / "onebox.toml").write_text(
         config_toml(dtype, graphs, lanes, sync, pipeline, sizes, kind, copy_threads)
     )
@@ -349,8 +348,6 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         "ONEBOX_IPC_PIN": "true" if pin == "on" else "false",
         # driver: the hosts queue copies, graph launches and events through the driver, GIL held
         "ONEBOX_CUDA_COPY": h2d,
-        # a ready request waits at most this long for the loop's turn to end (0: the turn's end)
-        "ONEBOX_FRONTEND_HOLD_MS": str(hold_ms),
     }  # ONEBOX_RUN_DIR: where the hosts list their sockets (batch_totals); timings: the frontends' sums
     results = {}
 
@@ -489,9 +486,6 @@ def main(argv=None) -> int:
     parser.add_argument("--load-processes", type=lambda t: [int(n) for n in t.split(",")], default=[0],
                         help="the load generator's processes above concurrency 1 (0: one per 32 clients, "
                              "2 to 6), e.g. 0,12")  # fmt: skip
-    parser.add_argument("--hold", type=lambda t: [float(n) for n in t.split(",")], default=[0.0],
-                        help="ONEBOX_FRONTEND_HOLD_MS values to serve with (0: a ready request waits for "
-                             "the end of the loop's turn), e.g. 0,0.3")  # fmt: skip
     parser.add_argument("--threads", type=int, default=64,
                         help="threads per frontend process (the loop worker's pool for other routes)")  # fmt: skip
     parser.add_argument("--worker-class", choices=("loop", "gthread", "gevent"), default="loop",
@@ -558,23 +552,9 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for (
-                workers,
-                load,
-                hold,
-                hosts,
-                lanes,
-                sync,
-                pipeline,
-                gather,
-                copy,
-                pin,
-                h2d,
-                host_cpus,
-            ) in itertools.product(
+            for workers, load, hosts, lanes, sync, pipeline, gather, copy, pin, h2d, host_cpus in itertools.product(
                 args.workers,
                 args.load_processes,
-                args.hold,
                 args.hosts,
                 args.lanes,
                 args.sync,
@@ -589,27 +569,25 @@ def main(argv=None) -> int:
                 print(
                     f"-- {label}/{dtype} with {hosts} model host(s) on the GPU, {lanes} lane(s) each, "
                     f"cuda_sync {sync}, {piped}, gather {gather}, copy threads {copy or 'default'}, pin {pin}, h2d {h2d}, "
-                    f"host cpus {host_cpus or 'any'}, {workers} frontends, load processes {load or 'default'}, "
-                    f"hold {f'{hold} ms' if hold else 'to the turn end'}",
+                    f"host cpus {host_cpus or 'any'}, {workers} frontends, load processes {load or 'default'}",
                     flush=True,
                 )
                 srv = served(kind, model_dir, dtype, concurrencies, args.duration, workers, args.profile,
                              hosts, args.threads, graphs, lanes, args.worker_class, sync, pipeline,
-                             args.graph_sizes, gather, copy, pin, h2d, host_cpus, load, hold)  # fmt: skip
+                             args.graph_sizes, gather, copy, pin, h2d, host_cpus, load)  # fmt: skip
                 best = max(r["img_s"] for r in srv.values())
                 report[
                     f"{label}/{dtype}/hosts{hosts}/lanes{lanes}/{sync}/{piped}/gather{gather}/copy{copy}/pin{pin}/{h2d}"
                     + (f"/cpus{host_cpus}" if host_cpus else "")
                     + (f"/workers{workers}" if workers != 8 else "")
                     + (f"/load{load}" if load else "")
-                    + (f"/hold{hold:g}" if hold else "")
                 ] = {
                     "offline": off,
                     "served": srv,
                 }
                 first = srv[concurrencies[0]]["p50_ms"]
                 print(
-                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}, h2d {h2d}, host cpus {host_cpus or 'any'}, {workers} frontends, load {load or 'default'}, hold {hold:g} ms: served {best:.0f} img/s = "
+                    f"== {label}/{dtype}, {hosts} host(s) x {lanes} lane(s), {sync}, {piped}, gather {gather}, copy {copy}, pin {pin}, h2d {h2d}, host cpus {host_cpus or 'any'}, {workers} frontends, load {load or 'default'}: served {best:.0f} img/s = "
                     f"{best / ceiling:.0%} of the "
                     f"offline ceiling {ceiling:.0f} img/s (batch {max(batches)}); conc-{concurrencies[0]} "
                     f"latency {first:.2f} ms vs offline batch-{batches[0]} {off[batches[0]]['ms']:.2f} ms "

@@ -40,9 +40,6 @@ class Settings:
     # past this many of a worker's calls in flight at every host new ones wait to go together
     frontend_gather: bool = True
     frontend_max_calls: int = 0  # 0: no limit (what is ready in one turn of the loop goes together)
-    # loop worker: a ready request waits at most this long for the turn's end before it and the
-    # others waiting go (0: until the turn's end, however long the turn)
-    frontend_hold_ms: float = 0.0
     frontend_timings: Path | None = None  # loop workers write their time sums here (serving.http.timings)
     timeout_s: float = 60.0  # default per-request deadline
     graceful_timeout_s: float = 25.0  # SIGTERM -> in-flight requests get this long to finish
@@ -126,7 +123,6 @@ class Settings:
             cuda_copy=env.get("ONEBOX_CUDA_COPY", _choice("driver", "torch"), "driver"),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
-            frontend_hold_ms=env.get("ONEBOX_FRONTEND_HOLD_MS", _non_negative_float, 0.0),
             frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),
             model_defaults=defaults,
         )

@@ -15,8 +15,7 @@ restarts) and answers the common request itself, as a state machine per connecti
 2. decode and build the host message (``Invocations.prepare``, the same code as the WSGI path);
    at the end of the loop's turn send it, with the others that may go with it as one call
    (serving.http.gather), on an idle link to the least busy host, and put the link's socket in
-   the same epoll (with ``ONEBOX_FRONTEND_HOLD_MS``, earlier once the oldest has waited that
-   long: a turn that answers and reads many connections can take milliseconds);
+   the same epoll;
 3. when the answer is whole, encode each request's rows (``Prepared.finish``) and send head and
    body in one ``sendmsg``; a request whose deadline passes first is answered 504 (the link is
    closed once no request is left in its call).
@@ -71,7 +70,6 @@ class LoopWorker(Worker):
         settings = invocations.settings if invocations is not None else None
         self.gather = settings is not None and settings.frontend_gather
         self.max_calls = settings.frontend_max_calls if settings is not None else 0
-        self.hold_s = settings.frontend_hold_ms / 1000 if settings is not None else 0.0
         self.timings = Timings(settings.frontend_timings if settings is not None else None)
         # this loop's calls in flight per host (the pool's are not: their answers do not wake it)
         self.calls = dict.fromkeys(self.router.clients, 0) if self.router is not None else {}
@@ -103,8 +101,6 @@ class LoopWorker(Worker):
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler.event(events)
-                    if self.hold_s and self.waiting and self._held_long():
-                        self.flush()
             if self.waiting:
                 self.flush()
             self._expire(time.time())
@@ -188,13 +184,6 @@ class LoopWorker(Worker):
             self.send(Call(self, [member]))
         else:
             self.waiting.append(member)
-
-    def _held_long(self) -> bool:
-        """The oldest waiting request has waited ``hold_s`` for this turn to end (and a host has
-        room for a call): the waiting go now, and those read later in the turn go at its end."""
-        if self.max_calls and min(self.calls.values()) >= self.max_calls:
-            return False
-        return time.perf_counter() - self.waiting[0].read_at >= self.hold_s
 
     def flush(self) -> None:
         """Send the waiting requests, gathered into calls, while a host has room for a call."""

@@ -171,28 +171,3 @@ def test_with_gathering_off_every_request_is_its_own_call(tmp_path):
         # have expired before they were queued)
         queued = sum(counts.values()) - counts.get("bad", 0)
         assert queued - counts.get("expire", 0) <= stats["requests"] <= queued
-
-
-def test_with_a_hold_shorter_than_any_event_every_request_goes_out_alone(tmp_path):
-    """ONEBOX_FRONTEND_HOLD_MS: a request waits for its turn's end at most that long. At 1 us,
-    each one has waited longer by the end of the event that read it, so each goes alone, while
-    concurrent clients still get their own rows (the gathered test above shows calls that carry
-    several requests without a hold)."""
-    pytest.importorskip("onnxruntime")
-    model_dir = models.onnx_model(tmp_path / "onnx")
-    (model_dir / "onebox.toml").write_text("max_batch_size = 64\n")
-    env = {"ONEBOX_FRONTEND_HOLD_MS": "0.001", "ONEBOX_RUN_DIR": str(tmp_path / "run")}
-    with Server(model_dir, workers=1, threads=4, env=env) as server:
-        failures: list = []
-        counts: dict = {}
-        threads = [
-            threading.Thread(target=_client, args=(server.port, s, failures, counts)) for s in range(CLIENTS)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert failures == []
-        stats = _host_stats(tmp_path / "run")
-        queued = sum(counts.values()) - counts.get("bad", 0)
-        assert queued - counts.get("expire", 0) <= stats["requests"] <= queued

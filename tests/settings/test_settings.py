@@ -82,8 +82,6 @@ def test_onebox_batching_defaults_are_read():
         ("ONEBOX_FRONTEND_WORKER_CLASS", "uvicorn"),
         ("ONEBOX_FRONTEND_GATHER", "sometimes"),
         ("ONEBOX_FRONTEND_MAX_CALLS", "-2"),
-        ("ONEBOX_FRONTEND_HOLD_MS", "-0.5"),
-        ("ONEBOX_FRONTEND_HOLD_MS", "soon"),
         ("ONEBOX_CUDA_COPY", "cupy"),
     ],
 )
@@ -121,11 +119,6 @@ def test_gathering_is_on_without_a_limit_by_default_and_both_can_be_set():
     assert (s.frontend_gather, s.frontend_max_calls) == (True, 0)
     s = Settings.from_env({"ONEBOX_FRONTEND_GATHER": "false", "ONEBOX_FRONTEND_MAX_CALLS": "3"})
     assert (s.frontend_gather, s.frontend_max_calls) == (False, 3)
-
-
-def test_a_ready_request_waits_for_the_turns_end_unless_a_hold_is_given():
-    assert Settings.from_env({}).frontend_hold_ms == 0.0
-    assert Settings.from_env({"ONEBOX_FRONTEND_HOLD_MS": "0.25"}).frontend_hold_ms == 0.25
 
 
 def test_frontend_timings_are_off_unless_given_a_directory():
