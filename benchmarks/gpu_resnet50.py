@@ -552,7 +552,19 @@ def main(argv=None) -> int:
             label = label_of(kind, graphs)
             off = offline(kind, model_dir, dtype, batches, graphs)
             ceiling = off[max(batches)]["img_s"]
-            for workers, load, hosts, lanes, sync, pipeline, gather, copy, pin, h2d, host_cpus in itertools.product(
+            for (
+                workers,
+                load,
+                hosts,
+                lanes,
+                sync,
+                pipeline,
+                gather,
+                copy,
+                pin,
+                h2d,
+                host_cpus,
+            ) in itertools.product(
                 args.workers,
                 args.load_processes,
                 args.hosts,
