@@ -397,7 +397,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             mean_batch, mean_padded = ran["rows"] / batches, (ran["rows"] + ran["padding"]) / batches
             small = sum(count for size, count in ran.items() if isinstance(size, int) and size <= 8) / batches
             per_call = ran["rows"] / (ran["requests"] or 1)  # requests the frontends gathered into one call
-            results[conc] = {
+            results[point_key(results, conc)] = {
                 "mean_batch": mean_batch,
                 "mean_padded_batch": mean_padded,
                 "small_batches": small,
@@ -442,6 +442,14 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     if host_cpus:  # this process's own CPUs back, for the next server it starts
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
     return results
+
+
+def point_key(results: dict, conc: int):
+    """``conc`` for a concurrency's first point, ``"256#2"`` and on for a repeated one
+    (``--concurrency 1,256,256``), so that no point is dropped from the report or the best."""
+    if conc not in results:
+        return conc
+    return f"{conc}#{1 + sum(1 for key in results if str(key).split('#')[0] == str(conc))}"
 
 
 def host_timeline(ran, window_s: float, hosts: int) -> dict:
