@@ -363,7 +363,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
         if host_cpus:
             print(f"        {pin_cpus(server.proc.pid, host_cpus)}", flush=True)
         url = f"http://127.0.0.1:{server.port}/invocations"
-        for conc in concurrencies:
+        for i, conc in enumerate(concurrencies):
             processes = 1 if conc == 1 else load_processes or min(6, max(2, conc // 32))
             spies = []
             if profile_dir is not None and conc == max(concurrencies):
@@ -397,7 +397,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
             mean_batch, mean_padded = ran["rows"] / batches, (ran["rows"] + ran["padding"]) / batches
             small = sum(count for size, count in ran.items() if isinstance(size, int) and size <= 8) / batches
             per_call = ran["rows"] / (ran["requests"] or 1)  # requests the frontends gathered into one call
-            results[point_key(results, conc)] = {
+            results[point_key(concurrencies, i)] = {
                 "mean_batch": mean_batch,
                 "mean_padded_batch": mean_padded,
                 "small_batches": small,
@@ -444,12 +444,12 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
     return results
 
 
-def point_key(results: dict, conc: int):
-    """``conc`` for a concurrency's first point, ``"256#2"`` and on for a repeated one
-    (``--concurrency 1,256,256``), so that no point is dropped from the report or the best."""
-    if conc not in results:
-        return conc
-    return f"{conc}#{1 + sum(1 for key in results if str(key).split('#')[0] == str(conc))}"
+def point_key(concurrencies: list[int], i: int):
+    """The report's key of point ``i``: its concurrency the first time, ``"256#2"`` and on when
+    it is repeated (``--concurrency 1,256,256``), so that no point is dropped from the report or
+    the best."""
+    conc, seen = concurrencies[i], concurrencies[: i + 1].count(concurrencies[i])
+    return conc if seen == 1 else f"{conc}#{seen}"
 
 
 def host_timeline(ran, window_s: float, hosts: int) -> dict:
