@@ -66,7 +66,7 @@ def send_message(sock: socket.socket, header: dict, buffers: list = (), fds: lis
     """
     views = byte_views(buffers)
     header = {**header, "buffers": [v.nbytes for v in views]}
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = dump_header(header)
     parts = [_LEN.pack(len(head)) + head]
     for view in views:
         if isinstance(view, Joined):
@@ -318,11 +318,62 @@ def region_buffers(region: mmap.mmap | None, sizes: object) -> list[memoryview]:
     return [view[offset : offset + size] for offset, size in zip(offsets, sizes, strict=True)]
 
 
+def _make_header_codec():
+    """What encodes and decodes headers: ``json`` without its per-call set-up where it can.
+
+    ``json.dumps`` with separators builds an encoder on every call, and ``json.loads`` detects
+    the encoding and matches whitespace around the value; for a header of a few hundred bytes
+    that is half the time (5.7 against 2.4 µs to read one, 3.9 against 2.1 to write one on the
+    2-core VM), paid twice a call on each side. The C encoder and scanner are built once here,
+    and checked to give what ``json`` gives; without them (no ``_json``) ``json`` is used.
+    """
+    from json.encoder import c_make_encoder, encode_basestring_ascii
+
+    def slow_dump(header: dict) -> bytes:
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def slow_load(raw: memoryview) -> object:
+        return json.loads(bytes(raw))
+
+    def unencodable(value):
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    scan = json.JSONDecoder().scan_once
+    try:
+        encode = c_make_encoder(
+            None, unencodable, encode_basestring_ascii, None, ":", ",", False, False, True
+        )
+    except TypeError:  # no C encoder, or another signature
+        return slow_dump, slow_load
+
+    def dump(header: dict) -> bytes:
+        return "".join(encode(header, 0)).encode()
+
+    def load(raw: memoryview) -> object:
+        text = str(raw, "utf-8")
+        try:
+            value, end = scan(text, 0)
+            if end == len(text):
+                return value
+        except StopIteration:  # nothing that starts a value here: json says what is wrong
+            pass
+        return json.loads(text)  # whitespace around the value, extra data: as json reads it
+
+    sample = {"op": "infer", "é": ["\n", 1.5, -2, None, True], "shape": [1, 3], "t": 1e300}
+    if dump(sample) != slow_dump(sample) or load(memoryview(slow_dump(sample))) != sample:
+        return slow_dump, slow_load
+    return dump, load
+
+
+#: ``dump_header(dict) -> bytes`` and ``load_header(bytes-like) -> object``: compact JSON
+dump_header, load_header = _make_header_codec()
+
+
 def _parse_header(raw: memoryview) -> tuple[dict, list[int]]:
     """The JSON header and its buffer sizes; a malformed one breaks only its connection."""
     try:
-        header = json.loads(bytes(raw))
-    except ValueError as exc:
+        header = load_header(raw)
+    except (ValueError, RecursionError) as exc:
         raise ConnectionError(f"malformed IPC header: {exc}") from None
     sizes = header.pop("buffers", []) if isinstance(header, dict) else None
     if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
@@ -359,8 +410,25 @@ def decode_tensors(specs: list[dict], buffers: list) -> Tensors:
         raise ConnectionError("tensor specs and buffers do not match")
     tensors: Tensors = {}
     for spec, buf in zip(specs, buffers, strict=True):
-        dtype = np.dtype(spec["dtype"])
+        tensors[spec["name"]] = np.frombuffer(buf, dtype=_wire_dtype(spec["dtype"])).reshape(spec["shape"])
+    return tensors
+
+
+_DTYPES: dict[str, np.dtype] = {}  # the wire dtypes seen, by their string
+
+
+def _wire_dtype(name: object) -> np.dtype:
+    """The dtype a spec names, once it is known to be allowed on the wire."""
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        if not isinstance(name, str):
+            raise ConnectionError(f"tensor spec with dtype {name!r}, not a dtype string")
+        try:
+            dtype = np.dtype(name)
+        except TypeError as exc:
+            raise ConnectionError(f"tensor spec with dtype {name!r}: {exc}") from None
         if dtype.kind not in _WIRE_KINDS:
             raise ConnectionError(f"dtype {dtype} is not allowed on the wire")
-        tensors[spec["name"]] = np.frombuffer(buf, dtype=dtype).reshape(spec["shape"])
-    return tensors
+        if len(_DTYPES) < 256:
+            _DTYPES[name] = dtype
+    return dtype

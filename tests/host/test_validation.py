@@ -93,3 +93,54 @@ def test_every_dimension_is_checked_without_a_batch_dimension():
 def test_a_signature_without_inputs_passes_inputs_through():
     inputs = {"anything": np.array(["text"])}
     assert conform_inputs(inputs, Signature()) is inputs
+
+
+SIGNATURES = [
+    ONE_INPUT,
+    Signature(inputs=(TensorSpec("image", "uint8", (-1, 3, 4, 4)),)),
+    Signature(inputs=(TensorSpec("x", "float32", (4, 4)),), batch=BatchMode.FIXED, batch_sizes=(4,)),
+    Signature(inputs=(TensorSpec("x", "float32", (-1, -1)),)),
+    Signature(inputs=(TensorSpec("x", "float32", (3, 2)),), batch=BatchMode.NONE),
+    Signature(inputs=(TensorSpec("x", "float32", (-1,)),)),
+]
+ARRAYS = [
+    np.ones((2, 4), np.float32),
+    np.ones((1, 4), ">f4"),  # the right type in the other byte order: cast
+    np.ones((0, 4), np.float32),
+    np.ones((2, 5), np.float32),
+    np.ones((2, 4, 1), np.float32),
+    np.ones((2, 4), np.float64),
+    np.ones((3, 2), np.float32),
+    np.ones((5, 3, 4, 4), np.uint8),
+    np.ones((0, 3, 4, 4), np.uint8),
+    np.ones((5, 3, 4, 5), np.uint8),
+    np.ones((5, 3, 4, 4), np.int8),
+    np.ones(7, np.float32),
+]
+
+
+def _outcome(call, inputs, signature):
+    try:
+        return {name: (a.dtype.str, a.shape, a.tobytes()) for name, a in call(inputs, signature).items()}
+    except BadRequest as exc:
+        return exc.message
+
+
+@pytest.mark.parametrize("signature", SIGNATURES, ids=lambda s: str([t.shape for t in s.inputs]))
+def test_the_quick_check_of_a_lone_input_gives_what_the_full_check_gives(signature):
+    from serving.host.validation import _conform
+
+    for array in ARRAYS:
+        for name in ("x", "image", "other"):
+            inputs = {name: array}
+            assert _outcome(conform_inputs, inputs, signature) == _outcome(_conform, inputs, signature)
+    two = {"x": ARRAYS[0], "image": ARRAYS[7]}
+    assert _outcome(conform_inputs, two, signature) == _outcome(_conform, two, signature)
+
+
+def test_each_signature_is_checked_against_its_own_shape():
+    small = Signature(inputs=(TensorSpec("x", "float32", (-1, 2)),))
+    large = Signature(inputs=(TensorSpec("x", "float32", (-1, 3)),))
+    assert conform_inputs({"x": np.ones((1, 2), np.float32)}, small)["x"].shape == (1, 2)
+    _bad({"x": np.ones((1, 2), np.float32)}, large, "must have shape")
+    _bad({"x": np.ones((1, 3), np.float32)}, small, "must have shape")
