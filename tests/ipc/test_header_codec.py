@@ -57,3 +57,12 @@ def test_a_dtype_not_allowed_on_the_wire_stays_refused_after_allowed_ones():
     for dtype in ("|O", "<M8[ns]", "|V8", 5, None, "nonsense"):
         with pytest.raises(ConnectionError):
             decode_tensors([{"name": "x", "dtype": dtype, "shape": [1]}], [b"\0" * 8])
+
+
+def test_a_header_nested_too_deep_breaks_only_its_connection():
+    """json gives up on deep nesting with RecursionError, not ValueError: the reader must still
+    see a broken connection, not an error that would end its thread."""
+    from serving.ipc.protocol import _parse_header
+
+    with pytest.raises(ConnectionError, match="malformed IPC header"):
+        _parse_header(memoryview(b"[" * 100_000 + b"]" * 100_000))

@@ -165,7 +165,9 @@ def test_many_connections_each_get_their_own_answer(served):
         b'{"op": "infer", "buffers": [-5]}',  # a negative size
         b'{"op": "infer", "buffers": "12"}',  # sizes not a list
         b"\xff\xfe not json",
+        b"[" * 100_000 + b"]" * 100_000,  # json's RecursionError, not a ValueError
     ],
+    ids=["array", "negative size", "sizes not a list", "not json", "nested too deep"],
 )
 def test_a_malformed_header_drops_only_its_connection(served, raw):
     path, _ = served
