@@ -22,8 +22,8 @@ def conform_inputs(inputs: Tensors, signature: Signature) -> Tensors:
     plan = entry[1]
     if plan is not None and len(inputs) == 1:
         (array,) = inputs.values()
-        name, dtype, ndim, start, tail = plan
-        if array.dtype == dtype and array.ndim == ndim and array.shape[start:] == tail and array.shape[0]:
+        name, dtype, ndim, tail = plan
+        if array.dtype == dtype and array.ndim == ndim and array.shape[1:] == tail and array.shape[0]:
             return {name: array}  # what the full check below would return for it
     return _conform(inputs, signature)
 
@@ -33,10 +33,10 @@ _PLANS: dict[int, tuple[Signature, tuple | None]] = {}
 
 
 def _single_input(signature: Signature) -> tuple | None:
-    """For a model of one input whose dimensions after the batch are all known: its name,
-    dtype, number of dimensions, where the known dimensions start and what they are. An array
-    of that dtype and shape, with at least one row, passes :func:`_conform` unchanged (renamed
-    when it came under another name), so it can skip the full check. None for any other model.
+    """For a model of one batched input whose dimensions after the batch are all known: its
+    name, dtype, number of dimensions and those dimensions. An array of that dtype and shape,
+    with at least one row, passes :func:`_conform` unchanged (renamed when it came under another
+    name), so it can skip the full check. None for any other model.
     """
     if len(signature.inputs) != 1 or signature.batch is BatchMode.NONE:
         return None
@@ -44,7 +44,7 @@ def _single_input(signature: Signature) -> tuple | None:
     shape = tuple(spec.shape)
     if not shape or shape == (-1,) or any(d < 0 for d in shape[1:]):
         return None
-    return spec.name, np.dtype(spec.dtype), len(shape), 1, shape[1:]
+    return spec.name, np.dtype(spec.dtype), len(shape), shape[1:]
 
 
 def _conform(inputs: Tensors, signature: Signature) -> Tensors:
