@@ -166,8 +166,18 @@ def test_many_connections_each_get_their_own_answer(served):
         b'{"op": "infer", "buffers": "12"}',  # sizes not a list
         b"\xff\xfe not json",
         b"[" * 100_000 + b"]" * 100_000,  # json's RecursionError, not a ValueError
+        b'{"op": "infer", "buffers": [4611686018427387904]}',  # 2**62 bytes: no memory holds it
+        b'{"op": "infer", "buffers": [1180591620717411303424]}',  # 2**70: past any index
     ],
-    ids=["array", "negative size", "sizes not a list", "not json", "nested too deep"],
+    ids=[
+        "array",
+        "negative size",
+        "sizes not a list",
+        "not json",
+        "nested too deep",
+        "huge",
+        "past an index",
+    ],
 )
 def test_a_malformed_header_drops_only_its_connection(served, raw):
     path, _ = served
