@@ -233,7 +233,10 @@ class FrameReader:
 
     def _room(self, size: int) -> None:
         if len(self._buf) < size:
-            grown = bytearray(size)
+            try:
+                grown = bytearray(size)
+            except (MemoryError, OverflowError):  # a size no memory holds: only this connection fails
+                raise ConnectionError(f"an IPC message of {size} bytes cannot be held") from None
             grown[: self._got] = memoryview(self._buf)[: self._got]
             self._buf = grown
 
