@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 
 CLIENTS = 24
 REQUESTS = 15
+# np.load reads an .npy header with ast.literal_eval, whose AST construction CPython 3.11 does
+# not keep apart between threads (python/cpython#106905: "SystemError: AST constructor
+# recursion depth mismatch", seen once in this test's client threads): the clients parse in turn
+_NPY_PARSE = threading.Lock()
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,11 @@ def _host_stats(run_dir: Path) -> dict:
         return {"requests": 0, "rows": 0, **client.stats(time.time() + 5)["models"].get("model", {})}
     finally:
         client.close()
+
+
+def _load(payload: bytes) -> np.ndarray:
+    with _NPY_PARSE:
+        return np.load(io.BytesIO(payload))
 
 
 def _client(port: int, seed: int, failures: list, counts: dict) -> None:
@@ -88,13 +97,11 @@ def _client(port: int, seed: int, failures: list, counts: dict) -> None:
                 ok = resp.status == 400 and b"must have shape" in payload and f"[{n}, 5]".encode() in payload
             elif kind == "expire":
                 ok = resp.status in (200, 504)  # 200 only if it was answered within 1 ms
-                ok = ok and (
-                    resp.status == 504 or np.allclose(np.load(io.BytesIO(payload)), models.reference(x))
-                )
+                ok = ok and (resp.status == 504 or np.allclose(_load(payload), models.reference(x)))
             elif resp.status != 200:
                 ok = False
             else:
-                got = np.asarray(json.loads(payload)) if kind == "json" else np.load(io.BytesIO(payload))
+                got = np.asarray(json.loads(payload)) if kind == "json" else _load(payload)
                 ok = got.shape == (n, 3) and np.allclose(got, models.reference(x), atol=1e-5)
             if not ok:
                 failures.append((kind, resp.status, payload[:200]))
