@@ -209,8 +209,6 @@ class Call:
         self.client = self.link = None
         self.retried = False
         self.sent_at = 0.0  # perf_counter() when it went to a host (serving.http.timings)
-        for member in members:
-            member.call = self
 
     def message(self) -> tuple[dict, list]:
         """The header and buffers to send."""
@@ -263,8 +261,19 @@ class Call:
         if self.link is not None and all(m.done for m in self.members):
             self.end(broken=True)
 
+    def went(self) -> None:
+        """The call is at a host: its members' deadlines now end it (``expire``)."""
+        for member in self.members:
+            member.call = self
+
     def end(self, broken: bool) -> None:
-        """Take the link out of the epoll and give it back (or close it, when ``broken``)."""
+        """Take the link out of the epoll and give it back (or close it, when ``broken``).
+
+        The members forget the call: a member and its call referring to each other would be a
+        cycle, and their bodies would wait for the garbage collector instead of going as soon
+        as they are answered (a retried call is ``went`` again)."""
+        for member in self.members:
+            member.call = None
         link, self.link = self.link, None
         self.worker.unwatch(link.sock.fileno())
         self.worker.calls[self.client] -= 1

@@ -50,7 +50,7 @@ class Member:
         self.timeout = deadline - time.time()
         self.key, self.rows = gather_key(prepared.header, info) if info is not None else (None, 0)
         self.limit = info.get("gather_rows", 0) if self.key is not None else 0
-        self.call: Call | None = None  # the call it went out in
+        self.call: Call | None = None  # the call it is out in, while that is at a host
         self.done = False  # answered (or its client is gone)
         self.read_at = 0.0  # perf_counter() when its body was whole (serving.http.timings)
 

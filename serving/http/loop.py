@@ -216,6 +216,7 @@ class LoopWorker(Worker):
             self.unsent(call, client, NotReady(f"the model host is not reachable ({exc.__class__.__name__})"))
             return
         call.client, call.link = client, link
+        call.went()
         call.sent_at = time.perf_counter()
         self.calls[client] += 1
         self._watch(link.sock.fileno(), call, IN)
