@@ -418,6 +418,7 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 "host_timeline": timeline,
                 "pinned_regions": pinned,
                 "pin_failures": pin_failures,
+                "host_gc": [ran[f"gc{g}"] for g in range(3)],
             }
             for spy in spies:
                 spy.wait(60)
@@ -434,8 +435,11 @@ def served(kind: str, model_dir: Path, dtype: str, concurrencies: list[int], dur
                 " the hosts' time\n        frontends, per request: wait {wait_ms:.2f} ms, at the host {host_ms:.2f} ms"
                 " (back {back_ms:.2f} ms),"
                 " answer {answer_ms_front:.2f} ms; client and transfer {turnaround_ms:.2f} ms;"
-                " {pinned} regions registered ({failures} refused)".format(
-                    **timeline, pinned=pinned, failures=pin_failures
+                " {pinned} regions registered ({failures} refused); host garbage collections {gcs}".format(
+                    **timeline,
+                    pinned=pinned,
+                    failures=pin_failures,
+                    gcs=" / ".join(str(ran[f"gc{g}"]) for g in range(3)),
                 ),
                 flush=True,
             )

@@ -218,6 +218,9 @@ def batch_totals(run_dir: Path, model: str = "model") -> Counter:
         # frontend regions the host's device copies from (a CUDA host: handlers.host_memory)
         totals["pinned_regions"] += reply.get("pinned", {}).get("regions", 0)
         totals["pin_failures"] += reply.get("pinned", {}).get("failures", 0)
+        # the hosts' garbage collections so far, youngest generation first (serving.heap)
+        for generation, count in enumerate(reply.get("gc", {}).get("collections", [])):
+            totals[f"gc{generation}"] += count
         totals.update(
             {key: stats.get(key, 0) for key in ("batches", "rows", "padding", "requests", "arrivals")}
         )

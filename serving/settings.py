@@ -65,6 +65,9 @@ class Settings:
     # how a CUDA host queues a batch's copies, graph launch and events: "driver" (through the
     # CUDA driver, the GIL kept) or "torch" (which hands the GIL over per call) (handlers.cuda_driver)
     cuda_copy: str = "driver"
+    # frontends and hosts freeze what they hold once set up, so the collector stops scanning it
+    # (serving.heap)
+    gc_freeze: bool = True
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     @property
@@ -121,6 +124,7 @@ class Settings:
             ipc_shm_min_bytes=env.get("ONEBOX_IPC_SHM_MIN_BYTES", _non_negative_int, 64 * 1024),
             ipc_pin=env.get("ONEBOX_IPC_PIN", _bool, True),
             cuda_copy=env.get("ONEBOX_CUDA_COPY", _choice("driver", "torch"), "driver"),
+            gc_freeze=env.get("ONEBOX_GC_FREEZE", _bool, True),
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
             frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),

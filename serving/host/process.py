@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from serving import heap
 from serving.batching import BatchStats
 from serving.errors import BadRequest, ConfigError, ServingError
 from serving.host.registry import ModelRegistry, State, wait_result
@@ -111,15 +112,17 @@ class Host:
             ready = bool(models) and all(m["state"] == State.READY.value for m in models)
             return {"ready": ready, "device": self.device.name, "models": models}, []
         if op == "stats":
-            reply: dict = {"models": self.batch_stats()}
+            reply: dict = {"models": self.batch_stats(), "gc": heap.census()}
             if self.pinned is not None:  # how many frontend regions the device copies from
                 reply["pinned"] = {"regions": self.pinned.count, "failures": self.pinned.failures}
             return reply, []
         if op == "load":
             model = self.registry.load(header["model"], Path(header["path"]))
+            self._resettle()
             return model.describe(), []
         if op == "unload":
             self.registry.unload(header["model"])
+            self._resettle()
             return {}, []
         raise BadRequest(f"unknown IPC operation {op!r}")
 
@@ -148,6 +151,11 @@ class Host:
             return _outputs_reply(wait_result(future, capped))
         # the frontend's socket timeout turns a late answer into 504 at the same deadline
         return Pending(future, _outputs_reply)
+
+    def _resettle(self) -> None:
+        """After a model came or went: what it left is collected, what is alive frozen again."""
+        if self.settings.gc_freeze:
+            heap.resettle()
 
     def _deadline(self, header: dict) -> float:
         return float(header.get("deadline", time.time() + self.settings.timeout_s))
@@ -219,6 +227,8 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     threading.Thread(target=server.serve_forever, name="ipc-accept", daemon=True).start()
     for name, path in models:
         host.load_at_start(name, Path(path))
+    if settings.gc_freeze:  # what the models brought stops being scanned (serving.heap)
+        heap.settle()
     stop.wait()
     server.close()
     host.registry.close()

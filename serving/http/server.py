@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
+from serving import heap
 from serving.http.app import create_app
 from serving.http.routing import HostRouter
 from serving.ipc.directory import read_hosts_file
@@ -57,11 +58,17 @@ class FrontendApplication(BaseApplication):
             # gunicorn >= 25 opens a control socket in $HOME by default: one path shared by every
             # server on the machine, and unwritable in read-only containers; onebox never uses it
             options["control_socket_disable"] = True
+        if s.gc_freeze:  # once a worker has its app, its collections stop scanning it (serving.heap)
+            options["post_worker_init"] = _settle_worker
         for key, value in options.items():
             self.cfg.set(key, value)
 
     def load(self):
         return create_app(self.settings, HostRouter(self.hosts, self.settings.ipc_shm_min_bytes))
+
+
+def _settle_worker(worker) -> None:
+    heap.settle()
 
 
 def run_frontend(run_dir: Path) -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
 
+from serving import heap
 from serving.host.process import Host
 from serving.ipc.client import HostClient
 from serving.ipc.server import IPCServer
@@ -47,7 +51,36 @@ def test_stats_count_the_batches_and_rows_each_model_ran(served_host):
 
 def test_stats_of_a_host_that_ran_nothing_are_empty(tmp_path):
     host = Host(Settings.from_env({}), Device.parse("cpu"))
-    assert host.dispatch({"op": "stats"}, []) == ({"models": {}}, [])
+    reply, buffers = host.dispatch({"op": "stats"}, [])
+    assert reply["models"] == {} and buffers == []
+    assert set(reply["gc"]) == {"frozen", "collections"} and len(reply["gc"]["collections"]) == 3
+
+
+class _Node:
+    """A cycle's member that a weak reference can watch."""
+
+    def __init__(self):
+        self.me = self
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_model_loaded_or_unloaded_leaves_the_living_frozen_and_the_dead_collected(tmp_path, freeze):
+    host = Host(dataclasses.replace(Settings.from_env({}), gc_freeze=freeze), Device.parse("cpu"))
+    path = str(onnx_model(tmp_path / "linear"))
+    gc.unfreeze()
+    try:
+        host.dispatch({"op": "load", "model": "a", "path": path}, [])
+        assert (heap.census()["frozen"] > 0) is freeze
+        garbage = _Node()
+        watch = weakref.ref(garbage)
+        gc.freeze()  # frozen while it was alive, as a model's cycles are
+        del garbage
+        host.dispatch({"op": "unload", "model": "a"}, [])
+        if freeze:  # handed back to the collector, collected, and the rest frozen again
+            assert watch() is None and heap.census()["frozen"] > 0
+    finally:
+        gc.unfreeze()
+        host.registry.close()
 
 
 def test_stats_give_how_many_batches_ran_at_each_padded_size(tmp_path):
