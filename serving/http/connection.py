@@ -121,7 +121,9 @@ class Connection:
         head = info = None
         if worker.invocations is not None:
             head = parse_head(bytes(self.buf[:end]))
-            info = worker.router.cached(worker.invocations.model)
+            info, stale = worker.router.usable(worker.invocations.model)
+            if stale:  # fetched again on the pool; this request and the next go on meanwhile
+                worker.refresh(worker.invocations.model)
         if head is None or info is None or (worker.limit is not None and head.length > worker.limit):
             worker.hand_off(self, bytes(self.buf))
             return

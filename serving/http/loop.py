@@ -21,7 +21,7 @@ restarts) and answers the common request itself, as a state machine per connecti
    closed once no request is left in its call).
 
 Every other request, and every request whose head the fast path does not read (chunked,
-``Expect``, odd headers, a stale model description, other routes, parse errors), goes to a small
+``Expect``, odd headers, no model description yet, other routes, parse errors), goes to a small
 thread pool where gunicorn's own parser and the Flask app answer it exactly as the gthread worker
 would; the connection comes back to the loop after each answer it keeps alive.
 """
@@ -76,6 +76,7 @@ class LoopWorker(Worker):
         self.sequence = 0
         self.slow = 0  # connections with the pool (counted and uncounted on this thread)
         self.posted: collections.deque = collections.deque()  # callables from the pool's threads
+        self.refreshing: set[str] = set()  # models whose description a pool thread is fetching
         self.pool = ThreadPoolExecutor(max(self.cfg.threads, 1), thread_name_prefix="onebox-http")
         for listener in self.sockets:
             listener.setblocking(False)
@@ -231,6 +232,23 @@ class LoopWorker(Worker):
             if not member.done:
                 member.done = True
                 member.conn.respond(*answer)
+
+    def refresh(self, model: str) -> None:
+        """Fetch ``model``'s description again on the pool, once at a time, while requests go on
+        with the one at hand. Before this, every request of a worker whose description had
+        expired went through the pool, each its own host call, until one of them fetched it:
+        a burst of one-row calls at the host every two seconds from every worker."""
+        if model not in self.refreshing:
+            self.refreshing.add(model)
+            self.pool.submit(self._refresh, model)
+
+    def _refresh(self, model: str) -> None:
+        try:
+            self.router.describe(model, time.time() + self.invocations.settings.timeout_s)
+        except Exception as err:  # the next request past the stale limit goes the slow way and says why
+            self.log.debug("describing %r failed: %s", model, err)
+        finally:
+            self.post(self.refreshing.discard, model)
 
     # -- the slow path: gunicorn's parser and the Flask app, on the pool -------------------
     def hand_off(self, conn: Connection, data: bytes) -> None:

@@ -15,6 +15,8 @@ from serving.ipc.protocol import SHM_MIN_BYTES
 from serving.types import TensorSpec
 
 DESCRIBE_TTL_S = 2.0
+#: a loop worker keeps using a description this old while it fetches a newer one in the background
+DESCRIBE_STALE_S = 30.0
 HEALTH_TIMEOUT_S = 1.0
 
 
@@ -60,6 +62,19 @@ class HostRouter:
         if cached and time.monotonic() - cached[0] < DESCRIBE_TTL_S:
             return cached[1]
         return None
+
+    def usable(self, model: str) -> tuple[dict | None, bool]:
+        """The description of ``model`` a request may use now, and whether it is older than
+        ``DESCRIBE_TTL_S`` (then it wants refreshing); ``(None, False)`` past ``DESCRIBE_STALE_S``
+        or before the first. The host checks every call anyway, so a description a little out of
+        date can only cost a request the error the host gives it."""
+        cached = self._described.get(model)
+        if not cached:
+            return None, False
+        age = time.monotonic() - cached[0]
+        if age >= DESCRIBE_STALE_S:
+            return None, False
+        return cached[1], age >= DESCRIBE_TTL_S
 
     def input_specs(self, model: str) -> tuple[TensorSpec, ...]:
         """The model's declared inputs, for decoding a body straight to the right dtypes."""

@@ -61,3 +61,31 @@ def test_without_a_directory_nothing_is_written(tmp_path):
         "requests": 1, "wait_s": 0.5, "host_s": 1.5, "back_s": 0.0, "answer_s": 0.25, "turns": 0, "turnaround_s": 0.0,
     }  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_expired_description_is_fetched_again_while_requests_stay_on_the_fast_path(tmp_path):
+    """Requests over three description lifetimes: after the first (which fetches the
+    description through the pool), every one is answered by the loop, none by the pool."""
+    pytest.importorskip("onnxruntime")
+    from serving.http.routing import DESCRIBE_TTL_S
+
+    model_dir = models.onnx_model(tmp_path / "onnx")
+    timings = tmp_path / "timings"
+    timings.mkdir()
+    with Server(model_dir, workers=1, threads=2, env={"ONEBOX_FRONTEND_TIMINGS": str(timings)}) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        buf = io.BytesIO()
+        np.save(buf, np.arange(4, dtype=np.float32).reshape(1, 4))
+        sent, until = 0, time.monotonic() + 3 * DESCRIBE_TTL_S
+        while time.monotonic() < until:
+            conn.request("POST", "/invocations", buf.getvalue(), {"Content-Type": "application/x-npy"})
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            response.read()
+            sent += 1
+            time.sleep(0.02)
+        conn.close()
+        deadline = time.monotonic() + 10
+        while (sums := read_all(timings))["requests"] < sent - 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert sums["requests"] == sent - 1, (sums["requests"], sent)
