@@ -14,20 +14,7 @@ from serving.http.connection import Call
 from serving.http.gather import Member
 from serving.ipc.client import infer_message
 from serving.ipc.protocol import encode_tensors
-
-INFO = {
-    "raw": False,
-    "gather_rows": 64,
-    "signature": {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]},
-}
-
-
-class _Prepared:
-    def __init__(self, header, buffers):
-        self.header, self.buffers = header, buffers
-
-    def finish(self, reply, buffers):
-        return 200, [], b"answer"
+from tests.support.gathering import INFO, Prepared
 
 
 class _Conn:
@@ -99,7 +86,7 @@ def test_a_call_and_its_requests_are_freed_without_the_collector_once_it_ends(en
     members = []
     for conn, x in zip(conns, inputs, strict=True):
         header, buffers = infer_message("model", {"x": x})
-        members.append(Member(conn, _Prepared(header, buffers), time.time() + 60, INFO))
+        members.append(Member(conn, Prepared(header, buffers), time.time() + 60, INFO))
     del inputs, x, buffers
     call = Call(_Worker(client), members)
     call.client, call.link = client, _Link(_reply(3))
@@ -124,7 +111,7 @@ def test_a_call_and_its_requests_are_freed_without_the_collector_once_it_ends(en
 def test_a_call_at_a_host_is_what_its_requests_deadlines_end():
     client = _Client()
     header, buffers = infer_message("model", {"x": np.ones((1, 4), dtype=np.float32)})
-    member = Member(_Conn(), _Prepared(header, buffers), time.time() + 60, INFO)
+    member = Member(_Conn(), Prepared(header, buffers), time.time() + 60, INFO)
     call = Call(_Worker(client), [member])
     assert member.call is None  # not sent yet: the worker answers a deadline itself
     call.client, call.link = client, _Link(_reply(1))

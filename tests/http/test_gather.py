@@ -18,23 +18,13 @@ from serving.http.gather import (
 )
 from serving.ipc.client import infer_message
 from serving.ipc.protocol import Joined, decode_tensors, encode_tensors
-
-INFO = {
-    "raw": False,
-    "gather_rows": 64,
-    "signature": {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]},
-}
-
-
-class _Prepared:
-    def __init__(self, header, buffers):
-        self.header, self.buffers = header, buffers
+from tests.support.gathering import INFO, Prepared
 
 
 def member(x, info=INFO, deadline=None, name="x") -> Member:
     header, buffers = infer_message("model", {name: x})
     deadline = time.time() + 60 if deadline is None else deadline
-    return Member(None, _Prepared(header, buffers), deadline, info)
+    return Member(None, Prepared(header, buffers), deadline, info)
 
 
 def rows(n, start=0.0):

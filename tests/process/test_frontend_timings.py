@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from serving.http.routing import DESCRIBE_TTL_S
 from serving.http.timings import read_all
 from tests.support import models
 from tests.support.server import Server
@@ -19,21 +20,31 @@ pytestmark = pytest.mark.slow
 REQUESTS = 20
 
 
-def test_the_loop_worker_writes_where_its_requests_spent_their_time(tmp_path):
+def _served(tmp_path):
+    """A server of the onnx model whose loop worker writes its sums to ``tmp_path/timings``."""
     pytest.importorskip("onnxruntime")
     model_dir = models.onnx_model(tmp_path / "onnx")
     timings = tmp_path / "timings"
     timings.mkdir()
-    with Server(model_dir, workers=1, threads=2, env={"ONEBOX_FRONTEND_TIMINGS": str(timings)}) as srv:
+    return Server(model_dir, workers=1, threads=2, env={"ONEBOX_FRONTEND_TIMINGS": str(timings)}), timings
+
+
+def _invoke(conn: http.client.HTTPConnection) -> None:
+    """One npy request on a kept-alive connection, answered 200."""
+    buf = io.BytesIO()
+    np.save(buf, np.arange(4, dtype=np.float32).reshape(1, 4))
+    conn.request("POST", "/invocations", buf.getvalue(), {"Content-Type": "application/x-npy"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    response.read()
+
+
+def test_the_loop_worker_writes_where_its_requests_spent_their_time(tmp_path):
+    server, timings = _served(tmp_path)
+    with server as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-        x = np.arange(4, dtype=np.float32).reshape(1, 4)
-        buf = io.BytesIO()
-        np.save(buf, x)
         for _ in range(REQUESTS + 1):  # the first goes by the pool, which fetches the description
-            conn.request("POST", "/invocations", buf.getvalue(), {"Content-Type": "application/x-npy"})
-            response = conn.getresponse()
-            assert response.status == 200, response.read()
-            response.read()
+            _invoke(conn)
             time.sleep(0.01)  # the client's own time between requests
         conn.close()
         deadline = time.monotonic() + 10
@@ -66,22 +77,12 @@ def test_without_a_directory_nothing_is_written(tmp_path):
 def test_an_expired_description_is_fetched_again_while_requests_stay_on_the_fast_path(tmp_path):
     """Requests over three description lifetimes: after the first (which fetches the
     description through the pool), every one is answered by the loop, none by the pool."""
-    pytest.importorskip("onnxruntime")
-    from serving.http.routing import DESCRIBE_TTL_S
-
-    model_dir = models.onnx_model(tmp_path / "onnx")
-    timings = tmp_path / "timings"
-    timings.mkdir()
-    with Server(model_dir, workers=1, threads=2, env={"ONEBOX_FRONTEND_TIMINGS": str(timings)}) as srv:
+    server, timings = _served(tmp_path)
+    with server as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-        buf = io.BytesIO()
-        np.save(buf, np.arange(4, dtype=np.float32).reshape(1, 4))
         sent, until = 0, time.monotonic() + 3 * DESCRIBE_TTL_S
         while time.monotonic() < until:
-            conn.request("POST", "/invocations", buf.getvalue(), {"Content-Type": "application/x-npy"})
-            response = conn.getresponse()
-            assert response.status == 200, response.read()
-            response.read()
+            _invoke(conn)
             sent += 1
             time.sleep(0.02)
         conn.close()
