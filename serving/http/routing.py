@@ -49,19 +49,13 @@ class HostRouter:
 
     # -- models --------------------------------------------------------------------------
     def describe(self, model: str, deadline: float) -> dict:
-        """The host's description of ``model`` (cached for a moment)."""
-        info = self.cached(model)
-        if info is None:
+        """The host's description of ``model``: the one at hand if it is younger than
+        ``DESCRIBE_TTL_S``, else fetched again."""
+        info, stale = self.usable(model)
+        if info is None or stale:
             info = self.pick().describe(model, deadline)
             self._described[model] = (time.monotonic(), info)
         return info
-
-    def cached(self, model: str) -> dict | None:
-        """The description of ``model`` if one fetched less than ``DESCRIBE_TTL_S`` ago is at hand."""
-        cached = self._described.get(model)
-        if cached and time.monotonic() - cached[0] < DESCRIBE_TTL_S:
-            return cached[1]
-        return None
 
     def usable(self, model: str) -> tuple[dict | None, bool]:
         """The description of ``model`` a request may use now, and whether it is older than

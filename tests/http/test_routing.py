@@ -26,7 +26,19 @@ def test_a_description_is_used_fresh_then_stale_while_refreshed_then_not_at_all(
     router._described["m"] = (100.0, info)
     monkeypatch.setattr(routing.time, "monotonic", lambda: 100.0 + age)
     assert router.usable("m") == ((info if usable else None), stale)
-    assert (router.cached("m") is info) is (age < DESCRIBE_TTL_S)
+    fetched = {"raw": True}
+    router.pick = lambda exclude=None: _Describing(fetched)
+    assert (router.describe("m", 0.0) is info) is (age < DESCRIBE_TTL_S)  # else fetched again
+
+
+class _Describing:
+    """A host client that answers ``describe`` with ``info``."""
+
+    def __init__(self, info):
+        self.info = info
+
+    def describe(self, model, deadline):
+        return self.info
 
 
 def test_no_description_yet_is_not_usable():
