@@ -214,6 +214,12 @@ class LoopWorker(Worker):
         except (ConnectionError, OSError) as exc:
             link.close()
             client.finished()
+            if link.used:
+                # the host went away since this link's last call (restarted): its other idle
+                # links are as dead, and nothing of this call reached it, so it goes on a new one
+                client.forget_idle()
+                self.send(call, exclude)
+                return
             self.unsent(call, client, NotReady(f"the model host is not reachable ({exc.__class__.__name__})"))
             return
         call.client, call.link = client, link

@@ -76,7 +76,7 @@ def check_reply(reply: dict) -> dict:
 class Link:
     """One connection to a host: send a message, then receive its answer, one at a time."""
 
-    __slots__ = ("sock", "reader", "region", "shm_min_bytes", "largest")
+    __slots__ = ("sock", "reader", "region", "shm_min_bytes", "largest", "used")
 
     def __init__(self, socket_path: str, shm_min_bytes: int | None, largest: list[int] | None = None):
         """``largest``: a one-item list shared by a client's links, the bytes of the largest
@@ -92,6 +92,7 @@ class Link:
         self.region: SharedRegion | None = None
         self.shm_min_bytes = shm_min_bytes
         self.largest = largest if largest is not None else [0]
+        self.used = False  # a message went out on it: a send that fails now means the host went away
 
     def send(self, header: dict, buffers: list) -> None:
         """Send one message; buffers from ``shm_min_bytes`` in total go through the region."""
@@ -99,6 +100,7 @@ class Link:
         sizes = [v.nbytes for v in views]
         if self.shm_min_bytes is None or sum(sizes) < self.shm_min_bytes:
             send_message(self.sock, header, views)
+            self.used = True
             return
         offsets, end = shm_layout(sizes)
         largest = self.largest
@@ -111,6 +113,7 @@ class Link:
         region.place(views, offsets)
         send_message(self.sock, {**header, "shm": sizes}, fds=() if region.attached else [region.fd])
         region.attached = True
+        self.used = True
 
     def receive(self) -> tuple[dict, list] | None:
         """One ``recv``; the answer once it is whole (for callers told the socket is readable)."""
@@ -193,7 +196,17 @@ class HostClient:
             link = self._local.link = Link(self.socket_path, self.shm_min_bytes, self._largest)
         try:
             link.sock.settimeout(remaining)
-            link.send({**header, "deadline": deadline}, buffers)
+            try:
+                link.send({**header, "deadline": deadline}, buffers)
+            except (ConnectionError, OSError) as exc:
+                if isinstance(exc, TimeoutError) or not link.used:
+                    raise
+                # the host went away since this link's last call (it was restarted): nothing
+                # of this message reached a host, so it goes once more on a new connection
+                self._drop()
+                link = self._local.link = Link(self.socket_path, self.shm_min_bytes, self._largest)
+                link.sock.settimeout(remaining)
+                link.send({**header, "deadline": deadline}, buffers)
             reply, out = recv_message(link.sock, link.reader)
         except TimeoutError:
             self._drop()
@@ -238,6 +251,12 @@ class HostClient:
         link = Link(self.socket_path, self.shm_min_bytes, self._largest)
         link.sock.setblocking(False)
         return link
+
+    def forget_idle(self) -> None:
+        """Close the idle links: the host they reach went away (a send on one of them failed)."""
+        idle, self._idle = self._idle, []
+        for link in idle:
+            link.close()
 
     def release(self, link: Link) -> None:
         """Give back a link whose answer was read in full."""

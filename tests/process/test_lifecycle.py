@@ -14,6 +14,8 @@ import time
 import psutil
 import pytest
 
+from serving.errors import ServingError
+from serving.ipc.client import HostClient
 from tests.support import models
 from tests.support.server import Server
 
@@ -140,6 +142,40 @@ def test_a_dead_host_turns_ping_503_and_is_restarted(onnx_dir):
         server.wait_ready(60)
         assert server.post_json([[1, 2, 3, 4]]).status == 200
         assert "restart" in server.log()
+
+
+def test_after_a_host_restart_no_request_fails_on_a_connection_to_the_dead_host(onnx_dir, tmp_path):
+    run = tmp_path / "run"
+    with Server(onnx_dir, env={"ONEBOX_RUN_DIR": str(run)}, workers=1) as server:
+        def burst() -> list[int]:
+            """Invocations (the loop's own links) and pings (the pool threads' links), at once."""
+            replies: list[int] = []
+            calls = [lambda: server.post_json([[1, 2, 3, 4]]), lambda: server.request("GET", "/ping")]
+            threads = [
+                threading.Thread(target=lambda call=call: replies.extend(call().status for _ in range(5)))
+                for call in calls * 4
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return replies
+
+        assert burst() == [200] * 40  # the worker now holds idle connections to the host
+        host = next(p for p in psutil.Process(server.proc.pid).children() if "host" in p.cmdline())
+        host.kill()
+        host.wait(10)
+        client = HostClient(str(run / "host-cpu.sock"))  # asks the host itself, not through the frontend
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                if client.health(time.time() + 2)["ready"]:
+                    break
+            except ServingError:
+                client.close()
+            time.sleep(0.1)
+        # each request finds a connection to the host that died, and goes again on a new one
+        assert burst() == [200] * 40
 
 
 def test_bad_configuration_exits_2_with_one_line(onnx_dir):
