@@ -70,6 +70,12 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s [launcher] %(message)s")
     from serving.launcher import serve
 
+    if settings.multi_model:  # models come and go through POST /models and DELETE /models/<name>
+        if args.model_dir is not None:
+            raise ConfigError(
+                "SAGEMAKER_MULTI_MODEL=true loads models through POST /models: give no model directory"
+            )
+        return serve(settings, None)
     model_dir = args.model_dir if args.model_dir is not None else settings.model_dir
     if not model_dir.is_dir():
         raise ConfigError(f"model directory {model_dir} does not exist (give one: onebox serve MODEL_DIR)")

@@ -70,6 +70,12 @@ def _probe(settings: Settings, model_dir: Path | None) -> Artifact | None:
         return None  # the host reports the problem in its log and /ping stays 503
 
 
+def _serving(settings: Settings, model_dir: Path | None) -> str:
+    if settings.multi_model:
+        return f"multi-model endpoint, models under {settings.models_dir} (POST /models)"
+    return f"model: {model_dir or '(none)'}"
+
+
 def serve(settings: Settings, model_dir: Path | None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit code."""
     run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="onebox-"))
@@ -91,7 +97,7 @@ def serve(settings: Settings, model_dir: Path | None) -> int:
     )
     print(
         f"onebox: listening on http://{settings.bind_host}:{settings.port} with {settings.workers} frontends "
-        f"{each}; model hosts: {', '.join(s.name for s in specs)}; model: {model_dir or '(none)'}",
+        f"{each}; model hosts: {', '.join(s.name for s in specs)}; {_serving(settings, model_dir)}",
         flush=True,
     )
     while not stop.wait(0.2):

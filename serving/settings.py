@@ -49,6 +49,10 @@ class Settings:
     base_dir: Path = Path("/opt/ml")
     log_level: int = 20
     multi_model: bool = False
+    # multi-model endpoints: the files of the models one host holds may add up to this (None:
+    # no cap); a load past it answers 507, and SageMaker unloads a model to make room
+    model_memory_bytes: int | None = None
+    model_load_timeout_s: float = 350.0  # SageMaker waits 360 s for a load or an unload
     batch_transform: bool = False
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int = 1
@@ -74,6 +78,11 @@ class Settings:
     def model_dir(self) -> Path:
         """Where SageMaker extracts the single model (``$SAGEMAKER_BASE_DIR/model``)."""
         return self.base_dir / "model"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where SageMaker extracts a multi-model endpoint's models (``$SAGEMAKER_BASE_DIR/models``)."""
+        return self.base_dir / "models"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +121,8 @@ class Settings:
             base_dir=env.get("SAGEMAKER_BASE_DIR", Path, Path("/opt/ml")),
             log_level=env.get("SAGEMAKER_CONTAINER_LOG_LEVEL", _log_level, 20),
             multi_model=env.get("SAGEMAKER_MULTI_MODEL", _bool, False),
+            model_memory_bytes=env.get("ONEBOX_MODEL_MEMORY_MB", _payload_mb, None),
+            model_load_timeout_s=env.get("ONEBOX_MODEL_LOAD_TIMEOUT", _positive_float, 350.0),
             batch_transform=batch,
             batch_strategy=env.get("SAGEMAKER_BATCH_STRATEGY", _strategy, "MULTI_RECORD"),
             max_concurrent_transforms=env.get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", _positive_int, 1),

@@ -6,6 +6,7 @@ The IPC socket is served before the model loads, so health calls answer "loading
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -18,6 +19,7 @@ from serving import heap
 from serving.batching import BatchStats
 from serving.errors import BadRequest, ConfigError, ServingError
 from serving.host.registry import ModelRegistry, State, wait_result
+from serving.host.supervisor import MODELS_SUFFIX
 from serving.ipc.protocol import decode_tensors, encode_tensors
 from serving.ipc.server import IPCServer, Pending
 from serving.settings import Settings
@@ -29,9 +31,13 @@ log = logging.getLogger("onebox.host")
 class Host:
     """Routes IPC messages to the registry."""
 
-    def __init__(self, settings: Settings, device: Device):
+    def __init__(self, settings: Settings, device: Device, models_file: Path | None = None):
+        """``models_file``: where the models loaded through the ``load`` op are written down, so
+        that this host, restarted after a crash, loads them again (multi-model endpoints)."""
         self.settings = settings
         self.device = device
+        self.models_file = models_file
+        self._writing = threading.Lock()
         self.registry = ModelRegistry(settings, device, observe=self._count_batch)
         self.started = time.time()
         # per model: [batches, rows, padding rows, requests]; only the batcher threads write
@@ -116,12 +122,16 @@ class Host:
             if self.pinned is not None:  # how many frontend regions the device copies from
                 reply["pinned"] = {"regions": self.pinned.count, "failures": self.pinned.failures}
             return reply, []
-        if op == "load":
-            model = self.registry.load(header["model"], Path(header["path"]))
+        if op == "load":  # a multi-model endpoint's: a failed load leaves no entry
+            model = self.registry.load(header["model"], Path(header["path"]), keep_failure=False)
+            self._write_models()
             self._resettle()
             return model.describe(), []
         if op == "unload":
-            self.registry.unload(header["model"])
+            try:
+                self.registry.unload(header["model"])
+            finally:
+                self._write_models()
             self._resettle()
             return {}, []
         raise BadRequest(f"unknown IPC operation {op!r}")
@@ -151,6 +161,33 @@ class Host:
             return _outputs_reply(wait_result(future, capped))
         # the frontend's socket timeout turns a late answer into 504 at the same deadline
         return Pending(future, _outputs_reply)
+
+    def _write_models(self) -> None:
+        """Write down the models this host holds now (``models_file``), replacing the file whole."""
+        if self.models_file is None:
+            return
+        with self._writing:
+            held = [[m.name, str(m.path)] for m in self.registry.models() if m.state is State.READY]
+            tmp = self.models_file.with_name(self.models_file.name + ".tmp")
+            tmp.write_text(json.dumps(held))
+            tmp.replace(self.models_file)
+
+    def reload_written(self) -> None:
+        """Load again what ``models_file`` says this host held before it was restarted."""
+        if self.models_file is None or not self.models_file.is_file():
+            return
+        try:
+            held = json.loads(self.models_file.read_text())
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the models this host held (%s): %s", self.models_file, exc)
+            return
+        for name, path in held:
+            try:
+                self.registry.load(name, Path(path), keep_failure=False)
+                log.info("model %r loaded again from %s after a restart", name, path)
+            except Exception as exc:
+                log.error("model %r in %s did not load again after a restart: %s", name, path, exc)
+        self._write_models()
 
     def _resettle(self) -> None:
         """After a model came or went: what it left is collected, what is alive frozen again."""
@@ -214,7 +251,7 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     # the I/O thread, batcher threads and workers share the GIL: hand it over sooner than the
     # default 5 ms so a woken thread does not queue behind a busy one (batch formation, copies)
     sys.setswitchinterval(0.0005)
-    host = Host(settings, Device.parse(device))
+    host = Host(settings, Device.parse(device), Path(socket_path + MODELS_SUFFIX))
     _cuda_copies(host)
     server = IPCServer(socket_path, host.dispatch, host.dispatch_nowait, on_region=_pinning(host))
     stop = threading.Event()
@@ -227,6 +264,7 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     threading.Thread(target=server.serve_forever, name="ipc-accept", daemon=True).start()
     for name, path in models:
         host.load_at_start(name, Path(path))
+    host.reload_written()
     if settings.gc_freeze:  # what the models brought stops being scanned (serving.heap)
         heap.settle()
     stop.wait()

@@ -22,7 +22,15 @@ import numpy as np
 from handlers.base import Handler
 from handlers.registry import check_compatible, detect, handler_class
 from serving.batching import Batcher, Outcome
-from serving.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, NotReady, ServingError
+from serving.errors import (
+    BadRequest,
+    Conflict,
+    DeadlineExceeded,
+    InsufficientMemory,
+    NotFound,
+    NotReady,
+    ServingError,
+)
 from serving.host.model_config import batch_policy, load_model_config, warmup_sizes
 from serving.host.validation import conform_inputs
 from serving.settings import Settings
@@ -52,6 +60,7 @@ class Model:
     serial: _SerialScript | None = None
     error: str = ""
     load_seconds: float = 0.0
+    footprint: int = 0  # bytes of its files, counted against Settings.model_memory_bytes
 
     def describe(self) -> dict:
         """What a frontend needs to call the model, and what `onebox` prints about it."""
@@ -67,6 +76,7 @@ class Model:
             "signature": handler.signature.to_dict() if handler else None,
             "gather_rows": self.gather_rows(),
             "load_seconds": round(self.load_seconds, 3),
+            "footprint": self.footprint,
         }
 
     def gather_rows(self) -> int:
@@ -95,8 +105,13 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     # -- management ----------------------------------------------------------------------
-    def load(self, name: str, path: Path) -> Model:
-        """Load ``path`` as ``name``; Conflict if the name is taken. Failures raise and leave no entry."""
+    def load(self, name: str, path: Path, *, keep_failure: bool = True) -> Model:
+        """Load ``path`` as ``name``; Conflict if the name is taken.
+
+        A failed load raises; with ``keep_failure`` its entry stays, FAILED with the reason (the
+        single model: ``/ping`` says why), else it is gone (a multi-model endpoint lists only
+        what loaded). Running out of memory raises InsufficientMemory (507).
+        """
         model = Model(name, Path(path))
         with self._lock:
             if name in self._models and self._models[name].state is not State.FAILED:
@@ -106,9 +121,16 @@ class ModelRegistry:
         try:
             self._load(model)
         except BaseException as exc:
+            error = _out_of_memory(exc, name)
             model.state = State.FAILED
-            model.error = exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            model.error = _reason(error or exc)
             _release(model)
+            if not keep_failure:
+                with self._lock:
+                    if self._models.get(name) is model:
+                        del self._models[name]
+            if error is not None:
+                raise error from None
             raise
         model.load_seconds = time.perf_counter() - started
         model.state = State.READY
@@ -118,6 +140,8 @@ class ModelRegistry:
         settings = self.settings
         if not model.path.is_dir():
             raise NotFound(f"model directory {model.path} does not exist")
+        if settings.model_memory_bytes is not None:
+            self._reserve(model, _footprint(model.path), settings.model_memory_bytes)
         artifact = detect(model.path, program=settings.program, model_file=settings.model_file)
         check_compatible(artifact, [self.device.kind])
         model.artifact = artifact
@@ -152,6 +176,19 @@ class ModelRegistry:
             gather=handler.takes_rows,
         )
         model.batcher.wait_warm()
+
+    def _reserve(self, model: Model, size: int, cap: int) -> None:
+        """Count ``size`` bytes against ``cap`` for ``model``, or refuse it (507)."""
+        with self._lock:
+            held = sum(
+                m.footprint for m in self._models.values() if m is not model and m.state is not State.FAILED
+            )
+            if held + size > cap:
+                raise InsufficientMemory(
+                    f"model {model.name!r} needs {_mb(size)} and {_mb(held)} of the {_mb(cap)} for models "
+                    "are taken (ONEBOX_MODEL_MEMORY_MB): unload a model first"
+                )
+            model.footprint = size
 
     def _observer(self, name: str):
         if self.observe is None:
@@ -288,6 +325,43 @@ def _release(model: Model) -> None:
             model.handler.unload()
     except Exception:
         log.exception("releasing model %r after its failed load", model.name)
+
+
+def _footprint(directory: Path) -> int:
+    """Bytes of the files under ``directory``: what loading it takes, near enough to budget by."""
+    total = 0
+    for path in directory.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _out_of_memory(exc: BaseException, name: str) -> InsufficientMemory | None:
+    """A load that ran out of host or device memory, as the 507 a multi-model endpoint answers."""
+    if isinstance(exc, InsufficientMemory):
+        return exc
+    # torch.OutOfMemoryError (CUDA), onnxruntime's and TensorFlow's allocation failures: matched
+    # by name and message, as no framework is imported here
+    text = str(exc).lower()
+    if (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ in ("OutOfMemoryError", "ResourceExhaustedError")
+        or ("out of memory" in text)
+    ):
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return InsufficientMemory(f"not enough memory to load model {name!r}: {first}")
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
 
 
 def _model_deadline(model: Model, deadline: float) -> float:

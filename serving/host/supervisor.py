@@ -14,10 +14,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from serving.settings import environment_with
 
 log = logging.getLogger("onebox.supervisor")
+
+#: next to a host's socket: the models it was told to load (a multi-model endpoint's), which it
+#: loads again when it is restarted after a crash (serving.host.process)
+MODELS_SUFFIX = ".models.json"
 
 
 @dataclass
@@ -43,8 +48,10 @@ class Supervisor:
         self._thread = threading.Thread(target=self._watch, name="host-supervisor", daemon=True)
 
     def start(self) -> None:
-        """Spawn every host and start watching them."""
+        """Spawn every host and start watching them; what hosts of an earlier start held is
+        forgotten (a run directory may outlive its server)."""
         for spec in self.specs:
+            Path(spec.socket + MODELS_SUFFIX).unlink(missing_ok=True)
             self._spawn(spec)
         self._thread.start()
 

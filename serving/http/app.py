@@ -18,6 +18,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from serving import codecs
 from serving.errors import BadRequest, NotFound, PayloadTooLarge, ServingError, from_status
+from serving.http.models import add_model_routes
 from serving.http.routing import HostRouter
 from serving.ipc.client import check_reply, infer_message, infer_result, invoke_message, invoke_result
 from serving.settings import Settings
@@ -47,9 +48,13 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
     app.wsgi_app = invocations_.middleware(app.wsgi_app)
     app.extensions["onebox.invocations"] = invocations_  # the event-loop worker's fast path
 
+    if settings.multi_model:
+        add_model_routes(app, settings, router, invocations_, _read_body)
+
     @app.get("/ping")
     def ping():
-        if router.ready():
+        # a multi-model endpoint is up once its hosts answer, with or without models
+        if router.live() if settings.multi_model else router.ready():
             return Response(b"", status=200, content_type="text/plain")
         return _error_response(router.not_ready_error())
 
@@ -112,13 +117,18 @@ class Invocations:
 
         return wsgi
 
-    def answer(self, environ: dict) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Status, headers and body for one invocation; errors become their JSON answers."""
+    def answer(self, environ: dict, model: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Status, headers and body for one invocation of ``model`` (default: the single model);
+        errors become their JSON answers."""
+        model = model or self.model
         try:
             deadline = self.deadline(environ)
             body = _read_body(environ, self.settings.max_payload_bytes)
-            prepared = self.prepare(environ, body, self.router.describe(self.model, deadline), deadline)
+            prepared = self.prepare(environ, body, self.router.describe(model, deadline), deadline, model)
             return prepared.finish(*self.router.call(prepared.header, prepared.buffers, deadline))
+        except NotFound as err:  # unloaded meanwhile: the next request asks the host again
+            self.router.forget(model)
+            return self.failed(err)
         except Exception as err:  # every failure becomes an answer
             return self.failed(err)
 
@@ -136,9 +146,13 @@ class Invocations:
         """When the request's answer is due (``time.time()``), from the settings and its header."""
         return _deadline(self.settings, environ.get(TIMEOUT_ENVIRON))
 
-    def prepare(self, environ: dict, body: bytes, info: dict, deadline: float) -> Prepared:
+    def prepare(
+        self, environ: dict, body: bytes, info: dict, deadline: float, model: str | None = None
+    ) -> Prepared:
         """Everything before the host call: the checks, the decoding and the message to send,
-        for a model the host described as ``info``; and how its answer turns into the response."""
+        for ``model`` (default: the single model) as the host described it (``info``); and how
+        its answer turns into the response."""
+        model = model or self.model
         if not body:
             raise BadRequest("the request body is empty")
         content_type = environ.get("CONTENT_TYPE")
@@ -147,11 +161,11 @@ class Invocations:
             if not accept or accept.strip() == "*/*":
                 accept = self.settings.default_accept
             raw = RawRequest(body, content_type or "", accept, environ.get(CUSTOM_ATTRIBUTES_ENVIRON))
-            return Prepared(*invoke_message(self.model, raw), _finish_raw)
+            return Prepared(*invoke_message(model, raw), _finish_raw)
         media = codecs.parse_media_type(content_type)
         accept = codecs.negotiate(environ.get("HTTP_ACCEPT"), self.settings.default_accept)
-        inputs = codecs.decode(body, media, self.router.input_specs(self.model))
-        return Prepared(*infer_message(self.model, inputs), functools.partial(_finish_tensors, accept))
+        inputs = codecs.decode(body, media, self.router.input_specs(model))
+        return Prepared(*infer_message(model, inputs), functools.partial(_finish_tensors, accept))
 
 
 class Prepared:

@@ -7,12 +7,15 @@ cached briefly so the request path makes one IPC call, not two.
 
 from __future__ import annotations
 
+import logging
 import time
 
-from serving.errors import NotReady, ServingError
+from serving.errors import NotFound, NotReady, ServingError
 from serving.ipc.client import HostClient
 from serving.ipc.protocol import SHM_MIN_BYTES
 from serving.types import TensorSpec
+
+log = logging.getLogger("onebox.http")
 
 DESCRIBE_TTL_S = 2.0
 #: a loop worker keeps using a description this old while it fetches a newer one in the background
@@ -38,6 +41,16 @@ class HostRouter:
                 if not health["ready"]:
                     self._last_health_error = NotReady(_not_ready_reason(client.name, health))
                     return False
+        except ServingError as err:
+            self._last_health_error = err
+            return False
+        return True
+
+    def live(self) -> bool:
+        """True when every host answers (a multi-model endpoint is up with no model loaded)."""
+        try:
+            for client in self.clients:
+                client.health(time.time() + HEALTH_TIMEOUT_S)
         except ServingError as err:
             self._last_health_error = err
             return False
@@ -69,6 +82,51 @@ class HostRouter:
         if age >= DESCRIBE_STALE_S:
             return None, False
         return cached[1], age >= DESCRIBE_TTL_S
+
+    def forget(self, model: str) -> None:
+        """Drop the description of ``model`` (loaded, unloaded or gone): the next call asks again."""
+        self._described.pop(model, None)
+
+    # -- a multi-model endpoint's models -------------------------------------------------
+    def load(self, model: str, path: str, deadline: float) -> dict:
+        """Load ``model`` on every host, in the same order from every worker: the first host
+        decides between two loads of one name (the later one gets 409 there and touches no
+        other). A host that fails unloads it from those before it, so no host keeps a part."""
+        self.forget(model)
+        done: list[HostClient] = []
+        try:
+            for client in self.clients:
+                info = client.load(model, path, deadline)
+                done.append(client)
+        except ServingError:
+            for client in done:
+                try:
+                    client.unload(model, deadline)
+                except ServingError as err:  # it stays there; the next DELETE removes it
+                    log.warning(
+                        "could not take model %r back from host %s: %s", model, client.name, err.message
+                    )
+            raise
+        return info
+
+    def unload(self, model: str, deadline: float) -> None:
+        """Unload ``model`` from every host (each finishes its requests for it first); NotFound
+        when no host had it."""
+        self.forget(model)
+        missing: list[NotFound] = []
+        for client in self.clients:
+            try:
+                client.unload(model, deadline)
+            except NotFound as err:
+                missing.append(err)
+        if len(missing) == len(self.clients):
+            raise missing[0]
+
+    def loaded(self, deadline: float) -> list[dict]:
+        """The descriptions of the models loaded and ready, by name (from the first host: every
+        host holds the same ones)."""
+        models = self.clients[0].health(deadline)["models"]
+        return sorted((m for m in models if m["state"] == "ready"), key=lambda m: m["name"])
 
     def input_specs(self, model: str) -> tuple[TensorSpec, ...]:
         """The model's declared inputs, for decoding a body straight to the right dtypes."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from handlers.onnx_runtime import OnnxHandler
+from serving.errors import InsufficientMemory
 from serving.host.process import Host
 from serving.host.registry import State
 from serving.settings import Settings
@@ -73,7 +74,8 @@ def test_a_warmup_that_fails_fails_the_load_and_stops_the_models_threads(tmp_pat
     path = onnx_model(tmp_path / "linear")
     (path / "onebox.toml").write_text("max_batch_size = 4\n")
     host = Host(Settings.from_env({}), Device.parse("cpu"))
-    with pytest.raises(RuntimeError, match="warming up batch 4"):
+    # out of memory: a multi-model endpoint answers 507 so that SageMaker unloads another model
+    with pytest.raises(InsufficientMemory, match="warming up batch 4"):
         host.registry.load("broken", path)
     model = host.registry.models()[0]
     assert model.state is State.FAILED and "warming up batch 4" in model.error

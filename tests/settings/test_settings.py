@@ -83,6 +83,8 @@ def test_onebox_batching_defaults_are_read():
         ("ONEBOX_FRONTEND_GATHER", "sometimes"),
         ("ONEBOX_FRONTEND_MAX_CALLS", "-2"),
         ("ONEBOX_CUDA_COPY", "cupy"),
+        ("ONEBOX_MODEL_MEMORY_MB", "-5"),
+        ("ONEBOX_MODEL_LOAD_TIMEOUT", "0"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_the_value(name, value):
@@ -124,3 +126,11 @@ def test_gathering_is_on_without_a_limit_by_default_and_both_can_be_set():
 def test_frontend_timings_are_off_unless_given_a_directory():
     assert Settings.from_env({}).frontend_timings is None
     assert Settings.from_env({"ONEBOX_FRONTEND_TIMINGS": "/tmp/t"}).frontend_timings == Path("/tmp/t")
+
+
+def test_a_multi_model_endpoint_has_no_memory_cap_unless_given_one():
+    settings = Settings.from_env({"SAGEMAKER_MULTI_MODEL": "true", "SAGEMAKER_BASE_DIR": "/srv/ml"})
+    assert settings.multi_model and settings.models_dir == Path("/srv/ml/models")
+    assert settings.model_memory_bytes is None and settings.model_load_timeout_s == 350.0
+    capped = Settings.from_env({"ONEBOX_MODEL_MEMORY_MB": "512", "ONEBOX_MODEL_LOAD_TIMEOUT": "30"})
+    assert (capped.model_memory_bytes, capped.model_load_timeout_s) == (512 * 1024 * 1024, 30.0)
