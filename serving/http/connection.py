@@ -120,10 +120,12 @@ class Connection:
         worker = self.worker
         head = info = None
         if worker.invocations is not None:
-            head = parse_head(bytes(self.buf[:end]))
-            info, stale = worker.router.usable(worker.invocations.model)
+            head = parse_head(bytes(self.buf[:end]), worker.models)
+        if head is not None:
+            model = head.model or worker.invocations.model
+            info, stale = worker.router.usable(model)
             if stale:  # fetched again on the pool; this request and the next go on meanwhile
-                worker.refresh(worker.invocations.model)
+                worker.refresh(model)
         if head is None or info is None or (worker.limit is not None and head.length > worker.limit):
             worker.hand_off(self, bytes(self.buf))
             return
@@ -139,7 +141,7 @@ class Connection:
 
     def _start(self) -> None:
         self.in_flight = True
-        self.worker.start(self, self.head.environ, self.info, self.body)
+        self.worker.start(self, self.head.environ, self.info, self.body, self.head.model)
 
     def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """Send an answer to the current request (dropped if the client is gone)."""

@@ -42,7 +42,7 @@ from gunicorn import http, util
 from gunicorn.http import wsgi
 from gunicorn.workers.base import Worker
 
-from serving.errors import DeadlineExceeded, NotReady
+from serving.errors import DeadlineExceeded, NotFound, NotReady
 from serving.http.connection import IN, Call, Connection
 from serving.http.gather import Member, take_groups
 from serving.http.timings import Timings
@@ -69,6 +69,7 @@ class LoopWorker(Worker):
         self.waiting: list[Member] = []  # requests to send at the end of this turn (or later)
         settings = invocations.settings if invocations is not None else None
         self.gather = settings is not None and settings.frontend_gather
+        self.models = settings is not None and settings.multi_model  # /models/<name>/invoke here too
         self.max_calls = settings.frontend_max_calls if settings is not None else 0
         self.timings = Timings(settings.frontend_timings if settings is not None else None)
         # this loop's calls in flight per host (the pool's are not: their answers do not wake it)
@@ -164,16 +165,17 @@ class LoopWorker(Worker):
             pass  # the pipe is full of wake-ups already
 
     # -- the fast path -------------------------------------------------------------------
-    def start(self, conn: Connection, environ: dict, info: dict, body: bytearray) -> None:
-        """Decode a read request and queue it for a host (sent at the end of this turn of the
-        loop, with the others it can go with), or answer its error."""
+    def start(self, conn: Connection, environ: dict, info: dict, body: bytearray, model: str | None) -> None:
+        """Decode a read request for ``model`` (None: the single model) and queue it for a host
+        (sent at the end of this turn of the loop, with the others it can go with), or answer
+        its error."""
         inv = self.invocations
         read_at = time.perf_counter()
         if conn.answered_at:
             self.timings.turned(read_at - conn.answered_at)
         try:
             deadline = inv.deadline(environ)
-            prepared = inv.prepare(environ, body, info, deadline)
+            prepared = inv.prepare(environ, body, info, deadline, model)
         except Exception as err:  # every failure becomes an answer
             conn.respond(*inv.failed(err))
             return
@@ -251,6 +253,8 @@ class LoopWorker(Worker):
     def _refresh(self, model: str) -> None:
         try:
             self.router.describe(model, time.time() + self.invocations.settings.timeout_s)
+        except NotFound:  # unloaded: requests go the slow way, which answers 404 (or finds it loaded again)
+            self.post(self.router.forget, model)
         except Exception as err:  # the next request past the stale limit goes the slow way and says why
             self.log.debug("describing %r failed: %s", model, err)
         finally:

@@ -1,6 +1,7 @@
 """HTTP/1.1 bytes for the event-loop worker's fast path: read a request head, write a response head.
 
-Only the shape the fast path answers itself is read here: ``POST /invocations`` with a
+Only the shape the fast path answers itself is read here: ``POST /invocations`` (or a
+multi-model endpoint's ``POST /models/<name>/invoke``, the name in URL-safe characters) with a
 ``Content-Length``, plain header lines, nothing to negotiate about the connection but
 keep-alive. Anything else (chunked bodies, ``Expect``, ``Upgrade``, duplicate or malformed
 headers, odd characters, another route) reads as None, and the worker hands the request to
@@ -31,6 +32,8 @@ _ENVIRON = {
     b"x-onebox-timeout-ms": "HTTP_X_ONEBOX_TIMEOUT_MS",
     b"x-amzn-sagemaker-custom-attributes": "HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES",
 }
+#: a multi-model invocation whose name needs no decoding (others go to Flask, which decodes it)
+_MODEL_PATH = re.compile(rb"/models/([A-Za-z0-9._~-]{1,1024})/invoke")
 #: headers whose handling is gunicorn's (interim answers, other framings, protocol switches)
 _NOT_HERE = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-settings"))
 
@@ -38,28 +41,33 @@ _NOT_HERE = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-sett
 class Head:
     """A ``POST /invocations`` head the fast path can answer."""
 
-    __slots__ = ("version", "length", "keep_alive", "environ")
+    __slots__ = ("version", "length", "keep_alive", "environ", "model")
 
-    def __init__(self, version: str, length: int, keep_alive: bool, environ: dict[str, str]):
+    def __init__(
+        self, version: str, length: int, keep_alive: bool, environ: dict[str, str], model: str | None = None
+    ):
         self.version = version
         self.length = length  # Content-Length
         self.keep_alive = keep_alive
         self.environ = environ  # the invocation's headers under their WSGI keys
+        self.model = model  # the model named by /models/<name>/invoke; None for /invocations
 
 
-def parse_head(head: bytes, path: bytes = b"/invocations") -> Head | None:
-    """The request head (up to, without, the blank line) if the fast path answers it, else None."""
+def parse_head(head: bytes, models: bool = False) -> Head | None:
+    """The request head (up to, without, the blank line) if the fast path answers it, else None;
+    with ``models``, ``POST /models/<name>/invoke`` too."""
     lines = head.split(b"\r\n")
     if _BAD.search(b"".join(lines)) or len(lines) > _FIELDS_MAX + 1:
         return None
     parts = lines[0].split(b" ")
-    if (
-        len(parts) != 3
-        or parts[0] != b"POST"
-        or parts[1] != path
-        or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
-    ):
+    if len(parts) != 3 or parts[0] != b"POST" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         return None
+    model = None
+    if parts[1] != b"/invocations":
+        named = _MODEL_PATH.fullmatch(parts[1]) if models else None
+        if named is None:
+            return None
+        model = named.group(1).decode()
     length = None
     connection = b""
     environ: dict[str, str] = {}
@@ -88,7 +96,7 @@ def parse_head(head: bytes, path: bytes = b"/invocations") -> Head | None:
         keep_alive = b"close" not in tokens
     else:
         keep_alive = b"keep-alive" in tokens
-    return Head(parts[2].decode(), length, keep_alive, environ)
+    return Head(parts[2].decode(), length, keep_alive, environ, model)
 
 
 def response_head(version: str, status: int, headers: list[tuple[str, str]], keep_alive: bool) -> bytes:

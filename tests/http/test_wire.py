@@ -63,6 +63,35 @@ def test_anything_but_a_plain_invocation_is_left_to_gunicorn(head):
     assert parse_head(head) is None
 
 
+@pytest.mark.parametrize(
+    ("target", "model"),
+    [
+        (b"/models/m1/invoke", "m1"),
+        (b"/models/sm.model-1_v~2/invoke", "sm.model-1_v~2"),
+        (b"/invocations", None),
+    ],
+)
+def test_a_multi_model_endpoint_answers_invocations_of_named_models_too(target, model):
+    head = b"POST " + target + b" HTTP/1.1\r\nContent-Length: 3"
+    assert parse_head(head, models=True).model == model
+    if model is not None:  # not a route of a single-model endpoint
+        assert parse_head(head) is None
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/models/a%20b/invoke",
+        b"/models//invoke",
+        b"/models/m1/invoke/",
+        b"/models/m1",
+        b"/models/a/b/invoke",
+    ],
+)
+def test_a_model_name_to_decode_or_another_models_route_is_left_to_flask(target):
+    assert parse_head(b"POST " + target + b" HTTP/1.1\r\nContent-Length: 3", models=True) is None
+
+
 def test_an_answer_head_carries_status_date_connection_and_the_given_headers():
     raw = response_head("HTTP/1.1", 429, [("Content-Length", "2"), ("Retry-After", "1")], keep_alive=False)
     lines = raw.decode("latin-1").split("\r\n")

@@ -147,6 +147,7 @@ def test_a_dead_host_turns_ping_503_and_is_restarted(onnx_dir):
 def test_after_a_host_restart_no_request_fails_on_a_connection_to_the_dead_host(onnx_dir, tmp_path):
     run = tmp_path / "run"
     with Server(onnx_dir, env={"ONEBOX_RUN_DIR": str(run)}, workers=1) as server:
+
         def burst() -> list[int]:
             """Invocations (the loop's own links) and pings (the pool threads' links), at once."""
             replies: list[int] = []

@@ -7,6 +7,7 @@ tests/handlers/test_torch_gpu.py::test_out_of_memory_is_507_and_the_handler_keep
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serving.http.timings import read_all
 from serving.ipc.client import HostClient
 from tests.support import models
 from tests.support.server import Server
@@ -301,6 +303,36 @@ def _requests(host) -> int:
 
 def _ready_models(host) -> list[str]:
     return [m["name"] for m in host.health(time.time() + 5)["models"] if m["state"] == "ready"]
+
+
+def test_invocations_of_a_named_model_are_answered_by_the_loop_worker(base, tmp_path):
+    timings = tmp_path / "timings"
+    timings.mkdir()
+    env = {
+        "SAGEMAKER_MULTI_MODEL": "true",
+        "SAGEMAKER_BASE_DIR": str(base),
+        "ONEBOX_FRONTEND_TIMINGS": str(timings),
+    }
+    with Server(None, env=env, workers=1) as running:
+        assert load(running, "m1", url(base, "m1")).status == 200
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        body = json.dumps(X).encode()
+        headers = {"Content-Type": "application/json", "X-Amzn-SageMaker-Target-Model": "m1.tar.gz"}
+        for _ in range(11):  # the first goes by the pool, which fetches the description
+            conn.request("POST", "/models/m1/invoke", body, headers)
+            answer = conn.getresponse()
+            assert answer.status == 200
+            np.testing.assert_allclose(json.loads(answer.read()), models.reference(X), rtol=1e-5)
+        assert running.request("DELETE", "/models/m1").status == 200
+        # the worker that unloaded it forgot its description: the pool asks the host, which says 404
+        conn.request("POST", "/models/m1/invoke", body, headers)
+        gone = conn.getresponse()
+        assert gone.status == 404 and "not loaded" in json.loads(gone.read())["error"]["message"]
+        conn.close()
+        end = time.monotonic() + 10
+        while (sums := read_all(timings))["requests"] < 10 and time.monotonic() < end:
+            time.sleep(0.2)
+    assert sums["requests"] == 10  # every answer after the first, by the loop
 
 
 def test_a_restarted_host_loads_again_the_models_it_held(base, tmp_path):
