@@ -1,6 +1,8 @@
 #!/bin/sh
 # Run the built image as SageMaker would (`IMAGE serve`, model at /opt/ml/model), then check
-# /ping, a JSON and a CSV invocation, and that SIGTERM stops it well before the 30 s SIGKILL.
+# /ping, a JSON and a CSV invocation, and that SIGTERM stops it well before the 30 s SIGKILL;
+# then as a multi-model endpoint (SAGEMAKER_MULTI_MODEL=true, the model at
+# /opt/ml/models/demo/model): /ping with no model, load, invoke, list, unload.
 #
 #   sudo build/container/smoke_test.sh                  # image onebox:cpu, the demo model, port 8080
 #
@@ -64,4 +66,32 @@ status=$(podman inspect -f '{{.State.ExitCode}}' "$NAME")
 podman rm "$NAME" >/dev/null
 echo "stop: SIGTERM -> exited $status in $stopped_in s"
 [ "$stopped_in" -lt 30 ] || fail "SIGTERM did not stop the server; it was killed after 30 s"
+MME=$NAME-mme
+podman --runtime runc run -d --name "$MME" --network host \
+    --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+    -e SAGEMAKER_BIND_TO_PORT="$PORT" -e SAGEMAKER_MULTI_MODEL=true \
+    -v "$MODEL_DIR:/opt/ml/models/demo/model:ro" "$IMAGE_TAG" serve >/dev/null
+NAME=$MME  # what fail() shows and removes
+start=$(date +%s)
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
+    [ $(($(date +%s) - start)) -lt 240 ] || fail "multi-model /ping not 200 within 240 s"
+    sleep 0.5
+done
+[ "$(curl -s "$URL/models")" = '{"models":[]}' ] || fail "a new multi-model endpoint lists models"
+curl -sf -X POST -d '{"model_name": "demo", "url": "/opt/ml/models/demo/model"}' "$URL/models" >/dev/null \
+    || fail "loading the demo model was not 2xx"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{"model_name": "demo", "url": "/opt/ml/models/demo/model"}' \
+    "$URL/models")" = 409 ] || fail "loading it again was not 409"
+mme=$(curl -sf -X POST -H 'Content-Type: application/json' -d '[[5.1,3.5,1.4,0.2]]' \
+    "$URL/models/demo/invoke") || fail "invoking the loaded model was not 2xx"
+echo "multi-model invoke: $mme"
+echo "$mme" | python3 -c 'import json, sys; r = json.load(sys.stdin)[0]; assert r.index(max(r)) == 0, r' \
+    || fail "the multi-model answer is not the demo model's"
+curl -s "$URL/models" | grep -q '"modelName":"demo"' || fail "the loaded model is not listed"
+curl -sf -X DELETE "$URL/models/demo" >/dev/null || fail "unloading was not 2xx"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' -d '[[1,2,3,4]]' \
+    "$URL/models/demo/invoke")" = 404 ] || fail "an unloaded model's invocation was not 404"
+podman stop -t 30 "$MME" >/dev/null
+podman rm "$MME" >/dev/null
+echo "multi-model: load, 409, invoke, list, unload, 404: OK"
 echo "smoke_test.sh: OK"
