@@ -54,7 +54,7 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
     @app.get("/ping")
     def ping():
         # a multi-model endpoint is up once its hosts answer, with or without models
-        if router.live() if settings.multi_model else router.ready():
+        if router.ready(models=not settings.multi_model):
             return Response(b"", status=200, content_type="text/plain")
         return _error_response(router.not_ready_error())
 

@@ -33,24 +33,15 @@ class HostRouter:
         self._last_health_error: ServingError | None = None
 
     # -- health --------------------------------------------------------------------------
-    def ready(self) -> bool:
-        """True when every host has every model loaded and warmed."""
+    def ready(self, models: bool = True) -> bool:
+        """True when every host answers and, with ``models``, has every model loaded and warmed
+        (without: a multi-model endpoint, up with no model loaded)."""
         try:
             for client in self.clients:
                 health = client.health(time.time() + HEALTH_TIMEOUT_S)
-                if not health["ready"]:
+                if models and not health["ready"]:
                     self._last_health_error = NotReady(_not_ready_reason(client.name, health))
                     return False
-        except ServingError as err:
-            self._last_health_error = err
-            return False
-        return True
-
-    def live(self) -> bool:
-        """True when every host answers (a multi-model endpoint is up with no model loaded)."""
-        try:
-            for client in self.clients:
-                client.health(time.time() + HEALTH_TIMEOUT_S)
         except ServingError as err:
             self._last_health_error = err
             return False

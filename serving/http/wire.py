@@ -39,7 +39,7 @@ _NOT_HERE = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-sett
 
 
 class Head:
-    """A ``POST /invocations`` head the fast path can answer."""
+    """A ``POST /invocations`` (or ``/models/<name>/invoke``) head the fast path can answer."""
 
     __slots__ = ("version", "length", "keep_alive", "environ", "model")
 
