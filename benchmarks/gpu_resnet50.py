@@ -198,6 +198,15 @@ def offline(
             if batch == 1:  # one call as a script would make it: from host memory, back, waited for
                 results[batch]["call_ms"] = one_call_ms(fn, inputs[0].cpu())
                 call = f"; one call from host memory {results[batch]['call_ms']:.2f} ms (p50)"
+            if batch == max(batches) and batch > 1:  # what the served batch's copy-in costs the device
+                fed = host_fed(fn, [x.cpu().pin_memory() for x in inputs])
+                results[batch]["host_fed"] = fed
+                call = (
+                    f"; from pinned host memory: copy alone {fed['copy_ms']:.2f} ms "
+                    f"({fed['copy_gb_s']:.1f} GB/s), copy then model on one stream {fed['serial_ms']:.2f} ms "
+                    f"({batch * 1000.0 / fed['serial_ms']:.0f} img/s), copy on its own stream under the "
+                    f"previous batch {fed['overlapped_ms']:.2f} ms ({batch * 1000.0 / fed['overlapped_ms']:.0f} img/s)"
+                )
             print(
                 f"offline {label:18s} {dtype:7s} batch {batch:3d}: {ms:7.2f} ms  {batch * 1000.0 / ms:9.0f} img/s{call}",
                 flush=True,
@@ -206,6 +215,68 @@ def offline(
     del model
     torch.cuda.empty_cache()
     return results
+
+
+def host_fed(fn, host_inputs, rounds: int = 5, iters: int = 40) -> dict:
+    """Device ms per batch when each batch starts in pinned host memory, as a served batch does.
+
+    ``serial``: the host-to-device copy and then the model, on one stream (a host at depth 1 that
+    copies a batch in while the device waits). ``overlapped``: batch i+1 copied on a stream of its
+    own into the other of two device buffers while batch i computes. ``copy``: the copies alone.
+    """
+    import torch
+
+    compute = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    buffers = [torch.empty_like(host_inputs[0], device="cuda") for _ in range(2)]
+    n = len(host_inputs)
+
+    def timed(body) -> float:
+        body(5)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(compute)
+            body(iters)
+            end.record(compute)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / iters)
+        return statistics.median(times)
+
+    def copies(count):
+        for i in range(count):
+            buffers[i % 2].copy_(host_inputs[i % n], non_blocking=True)
+
+    def serial(count):
+        for i in range(count):
+            buffers[0].copy_(host_inputs[i % n], non_blocking=True)
+            fn(buffers[0])
+
+    def overlapped(count):
+        consumed = [torch.cuda.Event(), torch.cuda.Event()]
+        for event in consumed:
+            event.record(compute)
+        for i in range(count):
+            slot = i % 2
+            side.wait_event(consumed[slot])  # the model is done reading this buffer
+            with torch.cuda.stream(side):
+                buffers[slot].copy_(host_inputs[i % n], non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(side)
+            compute.wait_event(arrived)
+            fn(buffers[slot])
+            consumed[slot].record(compute)
+        torch.cuda.current_stream().wait_stream(side)
+
+    copy_ms = timed(copies)
+    nbytes = host_inputs[0].numel() * host_inputs[0].element_size()
+    return {
+        "copy_ms": copy_ms,
+        "copy_gb_s": nbytes / copy_ms / 1e6,
+        "serial_ms": timed(serial),
+        "overlapped_ms": timed(overlapped),
+    }
 
 
 def one_call_ms(fn, host_input, calls: int = 300) -> float:
