@@ -11,6 +11,7 @@ the GPUs.
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
@@ -41,6 +42,33 @@ def mark_dead(pid: int, path: Path | None) -> None:
         log.debug("marking process %d dead in %s: %s", pid, path, exc)
 
 
+class _Files:
+    """prometheus_client's multiprocess collector over the files that are set up: a process
+    creating its file while a scrape globs the directory leaves it empty for a moment, which
+    ``MultiProcessCollector`` cannot read (struct.error)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def collect(self):
+        for _ in range(3):
+            try:
+                return multiprocess.MultiProcessCollector.merge(self._files(), accumulate=True)
+            except (OSError, struct.error):  # a dead process's gauge file removed as it was read
+                continue
+        return multiprocess.MultiProcessCollector.merge(self._files(), accumulate=True)
+
+    def _files(self) -> list[str]:
+        files = []
+        for path in sorted(self.directory.glob("*.db")):
+            try:
+                if path.stat().st_size >= 8:  # its header (bytes used) is written
+                    files.append(str(path))
+            except OSError:  # marked dead meanwhile
+                continue
+        return files
+
+
 def scrape(directory: Path | None) -> tuple[bytes, str]:
     """The Prometheus text of every process writing into ``directory`` (None: this process's own,
     when no launcher set one up), and its content type."""
@@ -48,8 +76,8 @@ def scrape(directory: Path | None) -> tuple[bytes, str]:
         registry = families.REGISTRY
         body = generate_latest(registry)
     else:
-        registry = CollectorRegistry(auto_describe=True)
-        multiprocess.MultiProcessCollector(registry, str(directory))
+        registry = CollectorRegistry()
+        registry.register(_Files(directory))
         body = generate_latest(registry)
     gpus = CollectorRegistry(auto_describe=True)
     gpus.register(_GPUS)
