@@ -190,3 +190,31 @@ def test_emf_interval_zero_writes_one_line_per_invocation(script_dir):
     assert sum(d["Invocation5XXErrors"] for d in docs) == SENT["500"]
     assert all(isinstance(d["ModelLatency"], int) for d in docs)
     assert json.dumps(docs)  # plain JSON throughout
+
+
+def test_a_multi_model_endpoint_reports_each_model_and_its_loads(tmp_path):
+    pytest.importorskip("onnxruntime")
+    for name in ("m1", "m2"):
+        models.onnx_model(tmp_path / "models" / name / "model")
+    env = {"SAGEMAKER_MULTI_MODEL": "true", "SAGEMAKER_BASE_DIR": str(tmp_path)}
+    with Server(None, workers=2, env=env) as server:
+        for name in ("m1", "m2"):
+            body = {"model_name": name, "url": str(tmp_path / "models" / name / "model")}
+            assert server.post_json(body, path="/models").status == 200
+        assert server.post_json({"model_name": "m1", "url": body["url"]}, path="/models").status == 409
+        for _ in range(3):
+            assert server.post_json([[1.0, 2.0, 3.0, 4.0]], path="/models/m1/invoke").status == 200
+        assert server.post_json([[1.0, 2.0, 3.0, 4.0]], path="/models/m2/invoke").status == 200
+        for made_up in ("nope", "n%C3%B6pe", "x1"):  # not counted under each made-up name
+            assert server.post_json([[1.0]], path=f"/models/{made_up}/invoke").status == 404
+        assert server.request("DELETE", "/models/m2").status == 200
+        values = _scrape_until(server, lambda v: _requests(v, "-") == {"404": 3} and _requests(v, "m2"))
+        assert _requests(values, "m1") == {"200": 3}
+        assert _requests(values, "m2") == {"200": 1}
+        assert _requests(values, "-") == {"404": 3}
+        assert not any(dict(labels).get("model") in ("nope", "x1") for _, labels in values)
+        assert values[("onebox_models_loaded", (("device", "cpu"),))] == 1
+        load = "onebox_model_load_seconds_count"
+        assert values[(load, (("device", "cpu"), ("model", "m1"), ("status", "200")))] == 1
+        assert values[(load, (("device", "cpu"), ("model", "m1"), ("status", "409")))] == 1
+        assert values[("onebox_model_unload_seconds_count", (("device", "cpu"), ("model", "m2")))] == 1
