@@ -68,7 +68,7 @@ def script_dir(tmp_path):
     return models.user_script_model(tmp_path / "script", models.TOOLKIT_SCRIPT)
 
 
-@pytest.mark.parametrize("worker_class", ["loop", "gthread"])
+@pytest.mark.parametrize("worker_class", ["loop", "gthread", "gevent"])
 def test_requests_are_counted_by_status_exactly_once_across_two_workers(script_dir, tmp_path, worker_class):
     env = {"ONEBOX_FRONTEND_WORKER_CLASS": worker_class, "ONEBOX_RUN_DIR": str(tmp_path / "run")}
     with Server(script_dir, workers=2, env=env) as server:
