@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     host.add_argument("--socket", required=True)
     host.add_argument("--device", default="cpu")
     host.add_argument("--model", action="append", default=[], help="NAME=DIR")
+    host.add_argument("--label", default=None, help="its device in the metrics (cuda0, cpu)")
+    host.add_argument("--restarted", action="store_true", help="started again after its predecessor died")
 
     frontend = sub.add_parser("frontend", help=argparse.SUPPRESS)
     frontend.add_argument("--run-dir", type=Path, required=True)
@@ -58,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         from serving.host.process import run_host
 
         models = [tuple(m.split("=", 1)) for m in args.model]
-        return run_host(args.socket, args.device, models)
+        return run_host(args.socket, args.device, models, args.label, args.restarted)
     if args.command == "frontend":
         from serving.http.server import run_frontend
 

@@ -27,7 +27,8 @@ from serving.host.devices import nvidia_gpus
 from serving.host.model_config import load_model_config
 from serving.host.supervisor import HostSpec, Supervisor
 from serving.ipc.directory import write_hosts_file
-from serving.settings import Settings
+from serving.metrics.exposition import prepare_directory
+from serving.settings import Settings, environment_with
 from serving.types import Artifact
 
 log = logging.getLogger("onebox")
@@ -55,7 +56,7 @@ def plan_hosts(settings: Settings, model_dir: Path | None, run_dir: Path) -> lis
         devices = [("cpu", "cpu", {"CUDA_VISIBLE_DEVICES": ""} if gpus else {})]
     count = settings.hosts_per_device
     return [
-        HostSpec(name, device, str(run_dir / f"host-{name}.sock"), env)
+        HostSpec(name, device, str(run_dir / f"host-{name}.sock"), env, label=base)
         for base, device, env in devices
         for name in ([base] if count == 1 else [f"{base}-{i}" for i in range(count)])
     ]
@@ -83,13 +84,23 @@ def serve(settings: Settings, model_dir: Path | None) -> int:
     specs = plan_hosts(settings, model_dir, run_dir)
     models = [] if model_dir is None else [(DEFAULT_MODEL, str(model_dir))]
     write_hosts_file(run_dir, [{"name": s.name, "device": s.device, "socket": s.socket} for s in specs])
+    # every process writes its Prometheus metrics there (serving.metrics); what an earlier run
+    # left would be added to this one's
+    metrics_dir = settings.metrics_dir or run_dir / "metrics"
+    prepare_directory(metrics_dir)
+    metrics_env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    for spec in specs:
+        spec.env = {**spec.env, **metrics_env}
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    supervisor = Supervisor(specs, models)
+    supervisor = Supervisor(specs, models, metrics_dir=metrics_dir)
     supervisor.start()
-    frontend = subprocess.Popen([sys.executable, "-m", "serving", "frontend", "--run-dir", str(run_dir)])
+    frontend = subprocess.Popen(
+        [sys.executable, "-m", "serving", "frontend", "--run-dir", str(run_dir)],
+        env=environment_with(metrics_env),
+    )
     each = (
         f"x {settings.threads} threads"
         if settings.worker_class == "gthread"

@@ -72,6 +72,14 @@ class Settings:
     # frontends and hosts freeze what they hold once set up, so the collector stops scanning it
     # (serving.heap)
     gc_freeze: bool = True
+    # Prometheus multiprocess directory every process writes its metrics into (serving.metrics);
+    # None: the launcher uses <run_dir>/metrics. Wiped (its *.db files) at every start.
+    metrics_dir: Path | None = None
+    # CloudWatch Embedded Metric Format lines on stdout (serving.metrics.emf): per frontend worker
+    # and model, one line per interval; interval 0 = one line per invocation (contract case 61)
+    cloudwatch_emf: bool = False
+    cloudwatch_emf_interval_s: float = 60.0
+    cloudwatch_emf_namespace: str = "onebox"
     model_defaults: ModelConfig = field(default_factory=ModelConfig)
 
     @property
@@ -139,6 +147,10 @@ class Settings:
             frontend_gather=env.get("ONEBOX_FRONTEND_GATHER", _bool, True),
             frontend_max_calls=env.get("ONEBOX_FRONTEND_MAX_CALLS", _non_negative_int, 0),
             frontend_timings=env.get("ONEBOX_FRONTEND_TIMINGS", Path, None),
+            metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR", Path, None),
+            cloudwatch_emf=env.get("ONEBOX_CLOUDWATCH_EMF", _bool, False),
+            cloudwatch_emf_interval_s=env.get("ONEBOX_CLOUDWATCH_EMF_INTERVAL", _non_negative_float, 60.0),
+            cloudwatch_emf_namespace=env.get("ONEBOX_CLOUDWATCH_NAMESPACE", _namespace, "onebox"),
             model_defaults=defaults,
         )
         settings.validate()
@@ -260,6 +272,13 @@ def _strategy(text: str) -> str:
 
 def _int_list(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(part) for part in text.split(",") if part.strip())
+
+
+def _namespace(text: str) -> str:
+    # CloudWatch: 1-255 characters, no ':' as the first one; ASCII without control characters
+    if not 1 <= len(text) <= 255 or text.startswith(":") or not text.isascii() or not text.isprintable():
+        raise ValueError("must be 1-255 printable ASCII characters, not starting with ':'")
+    return text
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:

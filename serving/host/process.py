@@ -22,6 +22,7 @@ from serving.host.registry import ModelRegistry, State, wait_result
 from serving.host.supervisor import MODELS_SUFFIX
 from serving.ipc.protocol import decode_tensors, encode_tensors
 from serving.ipc.server import IPCServer, Pending
+from serving.metrics.hosts import HostMetrics
 from serving.settings import Settings
 from serving.types import Device, RawRequest, Tensors
 
@@ -31,11 +32,15 @@ log = logging.getLogger("onebox.host")
 class Host:
     """Routes IPC messages to the registry."""
 
-    def __init__(self, settings: Settings, device: Device, models_file: Path | None = None):
+    def __init__(
+        self, settings: Settings, device: Device, models_file: Path | None = None, label: str | None = None
+    ):
         """``models_file``: where the models loaded through the ``load`` op are written down, so
-        that this host, restarted after a crash, loads them again (multi-model endpoints)."""
+        that this host, restarted after a crash, loads them again (multi-model endpoints);
+        ``label``: its device in the metrics (``cuda0``; default the device's name)."""
         self.settings = settings
         self.device = device
+        self.metrics = HostMetrics(label or device.name)
         self.models_file = models_file
         self._writing = threading.Lock()
         self.registry = ModelRegistry(settings, device, observe=self._count_batch)
@@ -66,6 +71,7 @@ class Host:
         times[1] += stats.build_time
         times[2] += stats.launch_time
         times[3] += stats.compute_time
+        self.metrics.batch(model, stats.rows, stats.padding, stats.queue_times, stats.compute_time)
 
     def batch_stats(self) -> dict[str, dict]:
         """Batches, rows, padding rows and requests each model has run since the host started,
@@ -123,15 +129,18 @@ class Host:
                 reply["pinned"] = {"regions": self.pinned.count, "failures": self.pinned.failures}
             return reply, []
         if op == "load":  # a multi-model endpoint's: a failed load leaves no entry
-            model = self.registry.load(header["model"], Path(header["path"]), keep_failure=False)
+            model = self._load(header["model"], Path(header["path"]), keep_failure=False)
             self._write_models()
             self._resettle()
             return model.describe(), []
         if op == "unload":
+            started = time.perf_counter()
             try:
                 self.registry.unload(header["model"])
+                self.metrics.unloaded(header["model"], time.perf_counter() - started)
             finally:
                 self._write_models()
+                self._count_models()
             self._resettle()
             return {}, []
         raise BadRequest(f"unknown IPC operation {op!r}")
@@ -162,6 +171,28 @@ class Host:
         # the frontend's socket timeout turns a late answer into 504 at the same deadline
         return Pending(future, _outputs_reply)
 
+    def _load(self, name: str, path: Path, keep_failure: bool = True):
+        """Load ``name`` from ``path`` in the registry, timed in the metrics whatever the outcome."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            model = self.registry.load(name, path, keep_failure=keep_failure)
+            status = 200
+            return model
+        except ServingError as exc:
+            status = int(exc.status)
+            raise
+        finally:
+            self.metrics.loaded(name, time.perf_counter() - started, status)
+            self._count_models()
+
+    def _count_models(self) -> None:
+        self.metrics.holding(sum(m.state is State.READY for m in self.registry.models()))
+
+    def sample_metrics(self) -> None:
+        """Once a second (the host's sampling thread): CPU, memory, each model's queue depth."""
+        self.metrics.sample((m.name, m.batcher.queue_depth()) for m in self.registry.models() if m.batcher)
+
     def _write_models(self) -> None:
         """Write down the models this host holds now (``models_file``), replacing the file whole."""
         if self.models_file is None:
@@ -183,7 +214,7 @@ class Host:
             return
         for name, path in held:
             try:
-                self.registry.load(name, Path(path), keep_failure=False)
+                self._load(name, Path(path), keep_failure=False)
                 log.info("model %r loaded again from %s after a restart", name, path)
             except Exception as exc:
                 log.error("model %r in %s did not load again after a restart: %s", name, path, exc)
@@ -200,7 +231,7 @@ class Host:
     def load_at_start(self, name: str, path: Path) -> None:
         """Load the single model; on failure log why and keep running (``/ping`` stays 503)."""
         try:
-            model = self.registry.load(name, path)
+            model = self._load(name, path)
         except (ServingError, ConfigError) as exc:
             log.error("model %r in %s failed to load: %s", name, path, getattr(exc, "message", exc))
             return
@@ -242,8 +273,26 @@ def _pinning(host: Host):
     return REGIONS.pin
 
 
-def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> int:
-    """Entry point of a host process; returns its exit code."""
+def _sample_metrics(host: Host, stop: threading.Event) -> None:
+    host._count_models()
+    while True:
+        try:
+            host.sample_metrics()
+        except Exception:  # a metric never stops a host
+            log.debug("sampling the host's metrics failed", exc_info=True)
+        if stop.wait(1.0):
+            return
+
+
+def run_host(
+    socket_path: str,
+    device: str,
+    models: list[tuple[str, str]],
+    label: str | None = None,
+    restarted: bool = False,
+) -> int:
+    """Entry point of a host process; returns its exit code. ``label``: its device in the
+    metrics; ``restarted``: the supervisor started it again after its predecessor died."""
     settings = Settings.from_env()
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s [host] %(name)s: %(message)s"
@@ -251,7 +300,9 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     # the I/O thread, batcher threads and workers share the GIL: hand it over sooner than the
     # default 5 ms so a woken thread does not queue behind a busy one (batch formation, copies)
     sys.setswitchinterval(0.0005)
-    host = Host(settings, Device.parse(device), Path(socket_path + MODELS_SUFFIX))
+    host = Host(settings, Device.parse(device), Path(socket_path + MODELS_SUFFIX), label)
+    if restarted:
+        host.metrics.restarted()
     _cuda_copies(host)
     server = IPCServer(socket_path, host.dispatch, host.dispatch_nowait, on_region=_pinning(host))
     stop = threading.Event()
@@ -262,6 +313,7 @@ def run_host(socket_path: str, device: str, models: list[tuple[str, str]]) -> in
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     threading.Thread(target=server.serve_forever, name="ipc-accept", daemon=True).start()
+    threading.Thread(target=_sample_metrics, args=(host, stop), name="metrics", daemon=True).start()
     for name, path in models:
         host.load_at_start(name, Path(path))
     host.reload_written()

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.metrics.exposition import mark_dead
 from serving.settings import environment_with
 
 log = logging.getLogger("onebox.supervisor")
@@ -33,6 +34,7 @@ class HostSpec:
     device: str  # as the host sees it: "cpu" or "cuda:0"
     socket: str
     env: dict[str, str] = field(default_factory=dict)
+    label: str = ""  # its device in the metrics (cuda0, cpu); several hosts of one device share it
     process: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -40,8 +42,12 @@ class HostSpec:
 class Supervisor:
     """Keeps the host processes running."""
 
-    def __init__(self, specs: list[HostSpec], models: list[tuple[str, str]], poll_s: float = 0.2):
+    def __init__(self, specs: list[HostSpec], models: list[tuple[str, str]], poll_s: float = 0.2,
+                 metrics_dir: Path | None = None):  # fmt: skip
+        """``metrics_dir``: the hosts' Prometheus multiprocess directory, where a host that died is
+        marked dead (serving.metrics.exposition)."""
         self.specs = specs
+        self.metrics_dir = metrics_dir
         self.models = models
         self.poll_s = poll_s
         self._stopping = threading.Event()
@@ -59,6 +65,10 @@ class Supervisor:
         cmd = [sys.executable, "-m", "serving", "host", "--socket", spec.socket, "--device", spec.device]
         for name, path in self.models:
             cmd += ["--model", f"{name}={path}"]
+        if spec.label:
+            cmd += ["--label", spec.label]
+        if spec.restarts:
+            cmd.append("--restarted")
         spec.process = subprocess.Popen(cmd, env=environment_with(spec.env))
         log.info("started model host %s (pid %d) on %s", spec.name, spec.process.pid, spec.device)
 
@@ -68,6 +78,7 @@ class Supervisor:
                 if spec.process is None or spec.process.poll() is None or self._stopping.is_set():
                     continue
                 code = spec.process.returncode
+                mark_dead(spec.process.pid, self.metrics_dir)
                 spec.restarts += 1
                 delay = min(0.5 * 2 ** min(spec.restarts - 1, 5), 10.0)
                 log.error(

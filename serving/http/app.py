@@ -21,6 +21,9 @@ from serving.errors import BadRequest, NotFound, PayloadTooLarge, ServingError, 
 from serving.http.models import add_model_routes
 from serving.http.routing import HostRouter
 from serving.ipc.client import check_reply, infer_message, infer_result, invoke_message, invoke_result
+from serving.metrics.emf import EmfWriter
+from serving.metrics.exposition import scrape
+from serving.metrics.tally import LockedTally
 from serving.settings import Settings
 from serving.types import RawRequest
 
@@ -64,6 +67,14 @@ def create_app(settings: Settings, router: HostRouter) -> Flask:
         status, headers, body = invocations_.answer(request.environ)
         return Response(body, status=status, headers=headers)
 
+    @app.get("/metrics")
+    def metrics():
+        # this worker's own counts first; the others' are at most a second old (serving.metrics.tally)
+        if not invocations_.tally_on_loop:
+            invocations_.tally.flush()
+        body, content_type = scrape(settings.metrics_dir)
+        return Response(body, status=200, content_type=content_type)
+
     @app.get("/execution-parameters")
     def execution_parameters():
         strategy = settings.batch_strategy
@@ -104,6 +115,11 @@ class Invocations:
         self.settings = settings
         self.router = router
         self.model = model
+        # the worker's invocations, counted in memory and published once a second; the loop
+        # worker puts its own (one-thread) tally here and routes ``record`` to its loop
+        self.tally = LockedTally(emf_writer(settings))
+        self.record = self.tally.record  # (model, status, seconds, host call seconds | None)
+        self.tally_on_loop = False
 
     def middleware(self, app: Callable) -> Callable:
         """A WSGI app that answers ``POST /invocations`` itself and passes the rest to ``app``."""
@@ -120,17 +136,26 @@ class Invocations:
     def answer(self, environ: dict, model: str | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
         """Status, headers and body for one invocation of ``model`` (default: the single model);
         errors become their JSON answers."""
+        started = time.perf_counter()
         model = model or self.model
+        model_seconds = None
         try:
             deadline = self.deadline(environ)
             body = _read_body(environ, self.settings.max_payload_bytes)
             prepared = self.prepare(environ, body, self.router.describe(model, deadline), deadline, model)
-            return prepared.finish(*self.router.call(prepared.header, prepared.buffers, deadline))
+            called = time.perf_counter()
+            try:
+                reply = self.router.call(prepared.header, prepared.buffers, deadline)
+            finally:
+                model_seconds = time.perf_counter() - called
+            answer = prepared.finish(*reply)
         except NotFound as err:  # unloaded meanwhile: the next request asks the host again
             self.router.forget(model)
-            return self.failed(err)
+            answer = self.failed(err)
         except Exception as err:  # every failure becomes an answer
-            return self.failed(err)
+            answer = self.failed(err)
+        self.record(model, answer[0], time.perf_counter() - started, model_seconds)
+        return answer
 
     def failed(self, err: Exception) -> tuple[int, list[tuple[str, str]], bytes]:
         """The answer to an invocation that raised ``err``: its JSON error, or a bare 500 for a bug
@@ -192,6 +217,13 @@ def _finish_raw(reply: dict, buffers: list) -> tuple[int, list[tuple[str, str]],
     if answer.custom_attributes is not None:
         headers.append((CUSTOM_ATTRIBUTES, answer.custom_attributes))
     return 200, headers, answer.body
+
+
+def emf_writer(settings: Settings) -> EmfWriter | None:
+    """The worker's CloudWatch EMF writer when ``ONEBOX_CLOUDWATCH_EMF`` is on."""
+    if not settings.cloudwatch_emf:
+        return None
+    return EmfWriter(settings.cloudwatch_emf_namespace, settings.cloudwatch_emf_interval_s)
 
 
 def _read_body(environ: dict, limit: int | None) -> bytes:

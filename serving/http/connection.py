@@ -33,7 +33,8 @@ class Connection:
     """One client connection in the loop: reading a head, reading a body, waiting, writing."""
 
     __slots__ = ("worker", "sock", "fd", "addr", "listener", "buf", "head", "info", "body", "got", "out",
-                 "in_flight", "close_after", "paused", "closed", "active", "answered_at")  # fmt: skip
+                 "in_flight", "close_after", "paused", "closed", "active", "answered_at", "started",
+                 "host_s")  # fmt: skip
 
     def __init__(self, worker: LoopWorker, sock: socket.socket, addr, listener):
         self.worker, self.sock, self.fd, self.addr, self.listener = (
@@ -55,6 +56,8 @@ class Connection:
         self.closed = False
         self.active = time.monotonic()
         self.answered_at = 0.0  # perf_counter() at its last response (serving.http.timings)
+        self.started = 0.0  # perf_counter() when the current request's body was whole
+        self.host_s: float | None = None  # the current request's host call, once answered (metrics)
 
     def waiting_for_request(self) -> bool:
         return self.head is None and not self.buf and not self.out
@@ -141,12 +144,18 @@ class Connection:
 
     def _start(self) -> None:
         self.in_flight = True
+        self.started = time.perf_counter()
         self.worker.start(self, self.head.environ, self.info, self.body, self.head.model)
 
     def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         """Send an answer to the current request (dropped if the client is gone)."""
         self.in_flight = False
-        self.answered_at = time.perf_counter()
+        self.answered_at = now = time.perf_counter()
+        worker = self.worker
+        worker.tally.record(
+            self.head.model or worker.invocations.model, status, now - self.started, self.host_s
+        )
+        self.host_s = None
         if self.closed:
             return
         self.close_after = self.close_after or not (self.head.keep_alive and self.worker.alive)
@@ -255,6 +264,7 @@ class Call:
                     answer = member.prepared.finish(*shares[i])
                 except Exception as err:  # every failure becomes an answer
                     answer = failed(err)
+            member.conn.host_s = answered_at - self.sent_at
             member.conn.respond(*answer)
             timings.answered(member.read_at, self.sent_at, answered_at, member.conn.answered_at, back)
 

@@ -46,6 +46,8 @@ from serving.errors import DeadlineExceeded, NotFound, NotReady
 from serving.http.connection import IN, Call, Connection
 from serving.http.gather import Member, take_groups
 from serving.http.timings import Timings
+from serving.metrics.process import ProcessSampler
+from serving.metrics.tally import Tally
 
 log = logging.getLogger("onebox.http")
 
@@ -55,6 +57,8 @@ _TICK_S = 1.0  # heartbeat, parent check, idle connections
 
 class LoopWorker(Worker):
     """A gunicorn worker class: ``worker_class = "serving.http.loop.LoopWorker"``."""
+
+    publishes_metrics = True  # on its own loop, once a second (serving.http.server)
 
     def run(self) -> None:
         # onebox's app answers invocations on the loop; any other WSGI app only through the pool
@@ -72,6 +76,13 @@ class LoopWorker(Worker):
         self.models = settings is not None and settings.multi_model  # /models/<name>/invoke here too
         self.max_calls = settings.frontend_max_calls if settings is not None else 0
         self.timings = Timings(settings.frontend_timings if settings is not None else None)
+        # invocations counted on this thread without a lock, published on the tick; the pool's
+        # (Flask's) are posted here (serving.metrics.tally)
+        self.tally = Tally(invocations.tally.emf if invocations is not None else None)
+        self.sampler = ProcessSampler("frontend")
+        if invocations is not None:
+            invocations.tally, invocations.tally_on_loop = self.tally, True
+            invocations.record = self._record_posted
         # this loop's calls in flight per host (the pool's are not: their answers do not wake it)
         self.calls = dict.fromkeys(self.router.clients, 0) if self.router is not None else {}
         self.sequence = 0
@@ -110,6 +121,8 @@ class LoopWorker(Worker):
     def _tick(self, now: float) -> None:
         self.notify()
         self.timings.dump()
+        self.tally.flush()
+        self.sampler.sample()
         if not self.alive:
             self._stop_listening()
         for handler in list(self.handlers.values()):
@@ -156,6 +169,9 @@ class LoopWorker(Worker):
                 member.done = True
                 member.conn.respond(*answer)
 
+    def _record_posted(self, model: str, status: int, seconds: float, model_seconds: float | None) -> None:
+        self.post(self.tally.record, model, status, seconds, model_seconds)
+
     def post(self, fn, *args) -> None:
         """Run ``fn(*args)`` on the loop's thread (from any thread)."""
         self.posted.append((fn, args))
@@ -170,7 +186,7 @@ class LoopWorker(Worker):
         (sent at the end of this turn of the loop, with the others it can go with), or answer
         its error."""
         inv = self.invocations
-        read_at = time.perf_counter()
+        read_at = conn.started
         if conn.answered_at:
             self.timings.turned(read_at - conn.answered_at)
         try:

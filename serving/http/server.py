@@ -11,8 +11,10 @@ fork.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -21,8 +23,12 @@ from serving import heap
 from serving.http.app import create_app
 from serving.http.routing import HostRouter
 from serving.ipc.directory import read_hosts_file
+from serving.metrics.exposition import mark_dead
+from serving.metrics.process import ProcessSampler
 from serving.settings import Settings
 
+#: how often a worker adds what it counted to the metrics (serving.metrics.tally)
+METRICS_PERIOD_S = 1.0
 #: onebox's own worker class, by the name ONEBOX_FRONTEND_WORKER_CLASS gives it
 WORKER_CLASSES = {"loop": "serving.http.loop.LoopWorker"}
 
@@ -58,8 +64,10 @@ class FrontendApplication(BaseApplication):
             # gunicorn >= 25 opens a control socket in $HOME by default: one path shared by every
             # server on the machine, and unwritable in read-only containers; onebox never uses it
             options["control_socket_disable"] = True
-        if s.gc_freeze:  # once a worker has its app, its collections stop scanning it (serving.heap)
-            options["post_worker_init"] = _settle_worker
+        options["post_worker_init"] = functools.partial(_start_worker, s.gc_freeze)
+        options["worker_exit"] = _stop_worker
+        # a dead worker's gauges leave the sums; its counters stay (serving.metrics.exposition)
+        options["child_exit"] = lambda server, worker: mark_dead(worker.pid, s.metrics_dir)
         for key, value in options.items():
             self.cfg.set(key, value)
 
@@ -67,8 +75,38 @@ class FrontendApplication(BaseApplication):
         return create_app(self.settings, HostRouter(self.hosts, self.settings.ipc_shm_min_bytes))
 
 
-def _settle_worker(worker) -> None:
-    heap.settle()
+def _start_worker(gc_freeze: bool, worker) -> None:
+    """A worker has its app: publish its metrics once a second (the loop worker does it on its
+    own loop), and freeze what it holds (serving.heap)."""
+    invocations = _invocations(worker)
+    if invocations is not None and not getattr(worker, "publishes_metrics", False):
+        threading.Thread(
+            target=_publish, args=(worker, invocations), name="onebox-metrics", daemon=True
+        ).start()
+    if gc_freeze:  # once a worker has its app, its collections stop scanning it
+        heap.settle()
+
+
+def _publish(worker, invocations) -> None:
+    sampler = ProcessSampler("frontend")
+    stop = threading.Event()
+    while worker.alive and not stop.wait(METRICS_PERIOD_S):
+        try:
+            invocations.tally.flush()
+            sampler.sample()
+        except Exception:  # a metric never stops a worker
+            logging.getLogger("onebox.metrics").exception("publishing the worker's metrics failed")
+
+
+def _stop_worker(server, worker) -> None:
+    """The worker is exiting: what it counted since its last publication, and its last EMF lines."""
+    invocations = _invocations(worker)
+    if invocations is not None:
+        invocations.tally.close()
+
+
+def _invocations(worker):
+    return getattr(getattr(worker, "wsgi", None), "extensions", {}).get("onebox.invocations")
 
 
 def run_frontend(run_dir: Path) -> int:

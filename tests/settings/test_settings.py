@@ -134,3 +134,16 @@ def test_a_multi_model_endpoint_has_no_memory_cap_unless_given_one():
     assert settings.model_memory_bytes is None and settings.model_load_timeout_s == 350.0
     capped = Settings.from_env({"ONEBOX_MODEL_MEMORY_MB": "512", "ONEBOX_MODEL_LOAD_TIMEOUT": "30"})
     assert (capped.model_memory_bytes, capped.model_load_timeout_s) == (512 * 1024 * 1024, 30.0)
+
+
+def test_metrics_settings_are_read_and_checked():
+    s = Settings.from_env({})
+    assert (s.cloudwatch_emf, s.cloudwatch_emf_interval_s, s.metrics_dir) == (False, 60.0, None)
+    s = Settings.from_env({"ONEBOX_CLOUDWATCH_EMF": "true", "ONEBOX_CLOUDWATCH_EMF_INTERVAL": "0",
+                           "ONEBOX_CLOUDWATCH_NAMESPACE": "my/ns", "PROMETHEUS_MULTIPROC_DIR": "/tmp/m"})  # fmt: skip
+    assert (s.cloudwatch_emf, s.cloudwatch_emf_interval_s, s.cloudwatch_emf_namespace) == (True, 0.0, "my/ns")
+    assert s.metrics_dir == Path("/tmp/m")
+    for bad in ({"ONEBOX_CLOUDWATCH_EMF_INTERVAL": "-1"}, {"ONEBOX_CLOUDWATCH_NAMESPACE": ":x"},
+                {"ONEBOX_CLOUDWATCH_NAMESPACE": "x" * 256}, {"ONEBOX_CLOUDWATCH_EMF": "maybe"}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            Settings.from_env(bad)

@@ -49,10 +49,16 @@ class Server:
     """A running ``onebox serve MODEL_DIR``; use as a context manager."""
 
     def __init__(self, model_dir: Path | None, env: dict[str, str] | None = None, workers: int = 2,
-                 threads: int = 8, ready_timeout: float = 90.0, expect_ready: bool = True):  # fmt: skip
+                 threads: int = 8, ready_timeout: float = 90.0, expect_ready: bool = True,
+                 split_stdout: bool = False):  # fmt: skip
+        """``split_stdout``: the server's stdout goes to its own file (:meth:`stdout`), apart
+        from stderr (:meth:`log`)."""
         self.port = free_port()
         self.model_dir = model_dir
         self.log_path = Path(tempfile.mkstemp(prefix="onebox-test-", suffix=".log")[1])
+        self.stdout_path = (
+            Path(tempfile.mkstemp(prefix="onebox-test-", suffix=".stdout")[1]) if split_stdout else None
+        )
         self.env = {
             **os.environ,
             "SAGEMAKER_BIND_TO_PORT": str(self.port),
@@ -78,7 +84,10 @@ class Server:
         if self.model_dir is not None:
             cmd.append(str(self.model_dir))
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        self._stdout = open(self.stdout_path, "wb") if self.stdout_path is not None else None
+        stdout = self._stdout or self._log
+        stderr = self._log if self._stdout is not None else subprocess.STDOUT
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=stdout, stderr=stderr, cwd=REPO)
         try:
             if self.expect_ready:
                 self.wait_ready(self.ready_timeout)
@@ -132,11 +141,17 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self._stdout is not None:
+            self._stdout.close()
         return self.proc.returncode
 
     def log(self) -> str:
-        """Everything the server printed so far."""
+        """Everything the server printed so far (its stderr only, with ``split_stdout``)."""
         return self.log_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        """What the server wrote to its stdout (``split_stdout``)."""
+        return self.stdout_path.read_text(errors="replace")
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 60.0, chunked: bool = False) -> Reply:  # fmt: skip
