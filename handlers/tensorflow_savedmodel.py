@@ -44,12 +44,13 @@ def spec_from(name: str, tf_spec) -> TensorSpec:
 def function_signature(function) -> Signature:
     """Inputs and outputs of a signature function (a ``ConcreteFunction`` from ``.signatures``).
 
-    A signature takes keyword arguments only and returns a dict, so both sides are named. The
+    A signature takes keyword arguments only and returns a dict, so both sides are named; they
+    are sorted by name, as a loaded SavedModel gives them in no fixed order (a protobuf map). The
     leading dimensions give the batch mode: ``None`` everywhere is DYNAMIC, one fixed size FIXED.
     """
     _, kwargs = function.structured_input_signature
-    inputs = tuple(spec_from(name, spec) for name, spec in kwargs.items())
-    outputs = tuple(spec_from(name, spec) for name, spec in function.structured_outputs.items())
+    inputs = tuple(spec_from(name, kwargs[name]) for name in sorted(kwargs))
+    outputs = tuple(spec_from(name, spec) for name, spec in sorted(function.structured_outputs.items()))
     return batch_signature(inputs, outputs)
 
 
@@ -71,7 +72,8 @@ def tf_device(tf, device: Device, config: ModelConfig) -> str:
         if index >= len(gpus):
             raise ConfigError(
                 f"device {device.name} requested but this TensorFlow sees {len(gpus)} GPU(s): "
-                "tensorflow-cpu has no GPU support; install `tensorflow[and-cuda]` (Linux) or serve on cpu"
+                "tensorflow-cpu has no GPU support; install `tensorflow[and-cuda]` (Linux), or serve on the "
+                'CPU (device = "cpu" in onebox.toml, or ONEBOX_DEVICE=cpu)'
             )
         _configure(lambda: tf.config.experimental.set_memory_growth(gpus[index], True), "memory growth")
         name = f"/GPU:{index}"
@@ -130,8 +132,11 @@ class SavedModelHandler(Handler):
         if not isinstance(key, str):
             raise ConfigError(f"signature_name must be a string, not {key!r}")
         tags = config.extra.get("tags")
+        tags = [tags] if isinstance(tags, str) else tags
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            raise ConfigError(f"tags must be a list of strings, not {tags!r}")
         with tf.device(self.device_name):
-            self.model = _load(tf, artifact, [tags] if isinstance(tags, str) else tags)
+            self.model = _load(tf, artifact, tags)
         signatures = self.model.signatures
         if key not in signatures:
             raise ConfigError(
@@ -169,7 +174,7 @@ class SavedModelHandler(Handler):
             ) from None
         except tf.errors.OpError as exc:
             raise ModelError(f"{type(exc).__name__}: {op_message(exc)}") from None
-        return {name: tensor.numpy() for name, tensor in outputs.items()}
+        return {spec.name: outputs[spec.name].numpy() for spec in self.signature.outputs}
 
     def warmup(self, batch_sizes: list[int]) -> None:
         """Run each batch size once, unless an input's rank is unknown (its shape would be a guess)."""

@@ -84,6 +84,8 @@ def test_unknown_signature_is_refused_naming_the_ones_there(model_dir):
 def test_tags_that_name_no_meta_graph_are_refused(model_dir):
     with pytest.raises(ConfigError, match="MetaGraph with tags.*serve.*choose tags in onebox.toml"):
         loaded(model_dir, 'tags = ["gpu"]\n')
+    with pytest.raises(ConfigError, match="tags must be a list of strings"):
+        loaded(model_dir, "tags = 5\n")
 
 
 def test_static_batch_saved_model_is_fixed_batch(tmp_path):
