@@ -51,6 +51,18 @@ def test_saved_model_is_detected_and_served_by_the_tensorflow_handler(model_dir)
     assert "handler:  tf_savedmodel" in done.stdout and "not available" not in done.stdout
 
 
+def test_detection_and_the_handler_module_import_no_tensorflow(model_dir):
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from handlers.registry import check_compatible, describe_detection, detect, handler_class\n"
+        f"art = detect(Path({str(model_dir)!r})); describe_detection(art); check_compatible(art, ['cpu'])\n"
+        "handler_class(art.handler)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_serving_default_signature_computes_x_at_w_plus_b_at_any_batch(model_dir):
     handler = loaded(model_dir)
     sig = handler.signature
