@@ -161,6 +161,21 @@ def test_keras_export_is_served_through_its_serving_default(tmp_path):
     np.testing.assert_allclose(out, reference(x), rtol=1e-6)
 
 
+def test_threads_set_tensorflow_intra_op_pool_before_its_runtime_starts(model_dir):
+    script = (
+        "from pathlib import Path; import tensorflow as tf\n"
+        "from handlers.registry import detect, handler_class\n"
+        "from serving.types import Device, ModelConfig\n"
+        f"art = detect(Path({str(model_dir)!r}))\n"
+        "for threads in (1, 2):  # the second load finds the runtime started: kept, not failed\n"
+        "    handler_class(art.handler)().load(art, Device('cpu'), ModelConfig(threads=threads))\n"
+        "print(tf.config.threading.get_intra_op_parallelism_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "1"
+    assert "TensorFlow kept its earlier setting for threads" in out.stderr
+
+
 def test_cuda_without_a_gpu_tensorflow_is_refused_not_run_on_the_cpu(model_dir):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this TensorFlow sees a GPU")
