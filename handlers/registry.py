@@ -22,6 +22,7 @@ HANDLERS = {
     "torchscript": "handlers.torch_script:TorchScriptHandler",
     "torch_export": "handlers.torch_export:TorchExportHandler",
     "torch_aoti": "handlers.torch_aoti:AotiHandler",
+    "tf_savedmodel": "handlers.tensorflow_savedmodel:SavedModelHandler",
     "user_script": "handlers.user_module:UserScriptHandler",
 }
 SUPPORTED_KINDS = (
@@ -30,6 +31,7 @@ SUPPORTED_KINDS = (
     "torch_aoti",
     "onnx",
     "ort",
+    "tf_savedmodel (a TensorFlow SavedModel directory)",
     "user_script (code/inference.py)",
 )
 _IGNORED_SUFFIXES = (".py", ".md", ".toml", ".yaml", ".yml", ".lock", ".cfg", ".ini", ".onnx.data")

@@ -40,7 +40,7 @@ class Case:
     path: str
     body: bytes | None = None
     headers: dict = field(default_factory=dict)
-    model: str = "onnx"  # onnx | torchscript | export | script
+    model: str = "onnx"  # onnx | torchscript | export | script | savedmodel
     env: tuple = ()  # extra (NAME, VALUE) pairs for the server
     status: int = 200
     content_type: str | None = None  # expected media type (parameters ignored)
@@ -116,6 +116,16 @@ CASES = [
          {"Content-Type": "text/csv", "Accept": "text/csv"}, model="export", content_type="text/csv", csv_rows=3),
     Case(22, "ExportedProgram: wrong shape is 400", "POST", "/invocations", json.dumps([[1, 2, 3]]).encode(),
          JSON, model="export", status=400, error=True),
+    # a TensorFlow SavedModel (its serving_default signature)
+    Case(11, "SavedModel: JSON in, JSON out", "POST", "/invocations", json.dumps(X).encode(), JSON,
+         model="savedmodel", content_type="application/json", json=Y.tolist()),
+    Case(12, "SavedModel: CSV", "POST", "/invocations", CSV_BODY,
+         {"Content-Type": "text/csv", "Accept": "text/csv"}, model="savedmodel", content_type="text/csv", csv_rows=3),
+    Case(15, "SavedModel: npy in, npy out", "POST", "/invocations", _npy(np.asarray(X, dtype=np.float32)),
+         {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}, model="savedmodel",
+         content_type="application/x-npy", npy=Y),
+    Case(22, "SavedModel: wrong shape is 400", "POST", "/invocations", json.dumps([[1, 2, 3]]).encode(),
+         JSON, model="savedmodel", status=400, error=True),
     # custom inference.py that imports sagemaker_inference
     Case(11, "script: JSON in, JSON out", "POST", "/invocations", json.dumps(X).encode(),
          {**JSON, "Accept": "application/json"}, model="script", content_type="application/json", json=Y.tolist()),

@@ -18,6 +18,7 @@ BUILDERS = {
     "torchscript": lambda d: models.torchscript_model(d),
     "export": lambda d: models.exported_program_model(d),
     "script": lambda d: models.user_script_model(d, models.TOOLKIT_SCRIPT),
+    "savedmodel": lambda d: models.saved_model(d),
 }
 
 
@@ -33,6 +34,10 @@ def servers(tmp_path_factory):
                 pytest.importorskip("torch")
             if case.model == "onnx":
                 pytest.importorskip("onnxruntime")
+            if case.model == "savedmodel":
+                pytest.importorskip(
+                    "tensorflow", reason="needs tensorflow (pip install 'onebox[tensorflow]')"
+                )
             model_dir = BUILDERS[case.model](tmp_path_factory.mktemp(case.model))
             running[key] = Server(model_dir, env=dict(case.env)).__enter__()
         return running[key]

@@ -114,3 +114,47 @@ def predict_fn(data, model):
 def output_fn(prediction, accept):
     return encoder.encode(prediction, accept)
 """.replace("__W__", str(W.tolist())).replace("__B__", str(B.tolist()))
+
+
+def saved_model(model_dir: Path, batch: int | None = None) -> Path:
+    """A TensorFlow SavedModel in ``model_dir/1`` (TF Serving's version folder; a ``tf.Module`` saved
+    with three signatures).
+
+    - ``serving_default``: ``x`` [batch, 4] float32 -> ``y`` [batch, 3] (``reference``);
+    - ``pair``: ``a`` [batch, 4] float32 and ``n`` [batch] int32 -> ``sum`` (``reference(a)``) and
+      ``twice`` (``2 * n``);
+    - ``rows``: ``x`` -> ``y`` and ``rows``, each row's count of rows in the batch it ran in, so a
+      client sees the batch its request joined.
+
+    ``batch`` fixes the leading dimension (a static-batch model); None leaves it free.
+    """
+    import tensorflow as tf
+
+    class Linear(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = tf.Variable(W), tf.Variable(B)
+
+        @tf.function(input_signature=[tf.TensorSpec([batch, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.matmul(x, self.w) + self.b}
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([batch, 4], tf.float32, name="a"),
+                tf.TensorSpec([batch], tf.int32, name="n"),
+            ]
+        )
+        def pair(self, a, n):
+            return {"sum": tf.matmul(a, self.w) + self.b, "twice": n * 2}
+
+        @tf.function(input_signature=[tf.TensorSpec([batch, 4], tf.float32, name="x")])
+        def rows(self, x):
+            count = tf.shape(x)[0]
+            return {"y": tf.matmul(x, self.w) + self.b, "rows": tf.fill([count], count)}
+
+    module = Linear()
+    signatures = {"serving_default": module.serve, "pair": module.pair, "rows": module.rows}
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(module, str(model_dir / "1"), signatures=signatures)
+    return model_dir
