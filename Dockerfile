@@ -26,7 +26,7 @@ RUN --mount=type=bind,source=build/container/wheels,target=/wheels \
 COPY pyproject.toml README.md /opt/onebox/src/
 COPY serving /opt/onebox/src/serving
 COPY handlers /opt/onebox/src/handlers
-RUN pip install --no-cache-dir --constraint /opt/onebox/requirements.txt "/opt/onebox/src[onnx,torch]" \
+RUN pip install --no-cache-dir --constraint /opt/onebox/requirements.txt "/opt/onebox/src[onnx,torch,tensorflow]" \
     && pip check \
     && rm -rf /opt/onebox/src
 

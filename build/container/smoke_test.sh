@@ -2,7 +2,8 @@
 # Run the built image as SageMaker would (`IMAGE serve`, model at /opt/ml/model), then check
 # /ping, a JSON and a CSV invocation, and that SIGTERM stops it well before the 30 s SIGKILL;
 # then as a multi-model endpoint (SAGEMAKER_MULTI_MODEL=true, the model at
-# /opt/ml/models/demo/model): /ping with no model, load, invoke, list, unload.
+# /opt/ml/models/demo/model): /ping with no model, load, invoke, list, unload; then a TensorFlow
+# SavedModel that the image's TensorFlow makes, served by the image.
 #
 #   sudo build/container/smoke_test.sh                  # image onebox:cpu, the demo model, port 8080
 #
@@ -94,4 +95,45 @@ curl -sf -X DELETE "$URL/models/demo" >/dev/null || fail "unloading was not 2xx"
 podman stop -t 30 "$MME" >/dev/null
 podman rm "$MME" >/dev/null
 echo "multi-model: load, 409, invoke, list, unload, 404: OK"
+
+# A TensorFlow SavedModel, made by the image's own TensorFlow (y = x @ w + b, TF Serving's
+# version folder), served by the image: JSON in, JSON out, and a wrong shape is 400.
+TF_DIR=$(mktemp -d)
+chmod 777 "$TF_DIR"
+podman --runtime runc run --rm --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+    -v "$TF_DIR:/out" --entrypoint python "$IMAGE_TAG" -c '
+import tensorflow as tf
+class Linear(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        self.b = tf.Variable([0.5, -0.5])
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": tf.matmul(x, self.w) + self.b}
+m = Linear()
+tf.saved_model.save(m, "/out/model/1", signatures={"serving_default": m.serve})
+' >/dev/null 2>&1 || { rm -rf "$TF_DIR"; fail "the image could not save a SavedModel"; }
+TFN=$NAME-tf
+podman --runtime runc run -d --name "$TFN" --network host \
+    --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+    -e SAGEMAKER_BIND_TO_PORT="$PORT" -v "$TF_DIR/model:/opt/ml/model:ro" "$IMAGE_TAG" serve >/dev/null
+NAME=$TFN
+start=$(date +%s)
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
+    [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "the SavedModel server exited before /ping answered 200"
+    [ $(($(date +%s) - start)) -lt 240 ] || fail "SavedModel /ping not 200 within 240 s"
+    sleep 0.5
+done
+tf=$(curl -sf -X POST -H 'Content-Type: application/json' -d '[[1,2,3],[0,0,0]]' "$URL/invocations") \
+    || fail "the SavedModel invocation was not 2xx"
+echo "savedmodel: $tf"
+echo "$tf" | python3 -c 'import json, sys; assert json.load(sys.stdin) == [[4.5, 4.5], [0.5, -0.5]]' \
+    || fail "the SavedModel answer is not x @ w + b"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' -d '[[1,2]]' \
+    "$URL/invocations")" = 400 ] || fail "a wrong shape for the SavedModel was not 400"
+podman stop -t 30 "$TFN" >/dev/null
+podman rm "$TFN" >/dev/null
+rm -rf "$TF_DIR"
+echo "savedmodel: served by the image's TensorFlow, 400 for a wrong shape: OK"
 echo "smoke_test.sh: OK"

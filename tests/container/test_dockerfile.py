@@ -101,3 +101,28 @@ def test_every_copied_path_is_allowed_by_dockerignore():
         path = Path(source.rstrip("/"))
         assert {str(path), *map(str, path.parents)} & allowed, f"{source} is excluded from the build context"
         assert (REPO / source).exists(), f"{source} does not exist"
+
+
+def test_image_installs_every_cpu_framework_extra_pinned():
+    # onebox itself goes in with the extras of the frameworks the CPU image serves, each pinned in
+    # build/requirements/cpu.txt (the constraints of that install)
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    installs = [args for args in arguments_of("RUN") if "/opt/onebox/src[" in args]
+    assert len(installs) == 1, installs
+    extras = set(re.search(r"/opt/onebox/src\[([^\]]+)\]", installs[0]).group(1).split(","))
+    assert extras == {"onnx", "torch", "tensorflow"}
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {
+        line.split("==")[0].strip().lower()
+        for line in (REPO / "build/requirements/cpu.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    linux = {"sys_platform": "linux", "platform_system": "Linux"}  # the image's
+    for extra in extras:
+        requirements = [Requirement(req) for req in declared[extra]]
+        names = {r.name.lower() for r in requirements if r.marker is None or r.marker.evaluate(linux)}
+        assert names and names <= pins, f"{extra}: {names - pins} not pinned in cpu.txt"
