@@ -24,6 +24,16 @@ fail() {
     exit 1
 }
 
+# Wait for /ping 200 from the container named $NAME; $1 names it in a failure.
+wait_for_ping() {
+    start=$(date +%s)
+    until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
+        [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "$1 exited before /ping answered 200"
+        [ $(($(date +%s) - start)) -lt 240 ] || fail "$1: /ping not 200 within 240 s (SageMaker's limit)"
+        sleep 0.5
+    done
+}
+
 # Same podman flags as build_image.sh (runc, ulimits this VM accepts); host network since no CNI
 # network is configured here, so SAGEMAKER_BIND_TO_PORT picks the port instead of -p.
 podman --runtime runc run -d --name "$NAME" --network host \
@@ -31,12 +41,7 @@ podman --runtime runc run -d --name "$NAME" --network host \
     -e SAGEMAKER_BIND_TO_PORT="$PORT" \
     -v "$MODEL_DIR:/opt/ml/model:ro" "$IMAGE_TAG" serve >/dev/null
 
-start=$(date +%s)
-until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
-    [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "container exited before /ping answered 200"
-    [ $(($(date +%s) - start)) -lt 240 ] || fail "/ping not 200 within 240 s (SageMaker's limit)"
-    sleep 0.5
-done
+wait_for_ping "the container"
 echo "ping: 200 after $(($(date +%s) - start)) s"
 
 json=$(curl -sf -X POST -H 'Content-Type: application/json' -d '[[5.1,3.5,1.4,0.2],[6.3,3.3,6.0,2.5]]' \
@@ -73,11 +78,7 @@ podman --runtime runc run -d --name "$MME" --network host \
     -e SAGEMAKER_BIND_TO_PORT="$PORT" -e SAGEMAKER_MULTI_MODEL=true \
     -v "$MODEL_DIR:/opt/ml/models/demo/model:ro" "$IMAGE_TAG" serve >/dev/null
 NAME=$MME  # what fail() shows and removes
-start=$(date +%s)
-until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
-    [ $(($(date +%s) - start)) -lt 240 ] || fail "multi-model /ping not 200 within 240 s"
-    sleep 0.5
-done
+wait_for_ping "the multi-model endpoint"
 [ "$(curl -s "$URL/models")" = '{"models":[]}' ] || fail "a new multi-model endpoint lists models"
 curl -sf -X POST -d '{"model_name": "demo", "url": "/opt/ml/models/demo/model"}' "$URL/models" >/dev/null \
     || fail "loading the demo model was not 2xx"
@@ -119,12 +120,7 @@ podman --runtime runc run -d --name "$TFN" --network host \
     --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
     -e SAGEMAKER_BIND_TO_PORT="$PORT" -v "$TF_DIR/model:/opt/ml/model:ro" "$IMAGE_TAG" serve >/dev/null
 NAME=$TFN
-start=$(date +%s)
-until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ping")" = 200 ]; do
-    [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" = true ] || fail "the SavedModel server exited before /ping answered 200"
-    [ $(($(date +%s) - start)) -lt 240 ] || fail "SavedModel /ping not 200 within 240 s"
-    sleep 0.5
-done
+wait_for_ping "the SavedModel server"
 tf=$(curl -sf -X POST -H 'Content-Type: application/json' -d '[[1,2,3],[0,0,0]]' "$URL/invocations") \
     || fail "the SavedModel invocation was not 2xx"
 echo "savedmodel: $tf"
