@@ -168,29 +168,23 @@ def test_a_restarted_host_is_counted(script_dir):
 
 def test_emf_lines_per_interval_add_up_to_the_invocations(script_dir):
     env = {"ONEBOX_CLOUDWATCH_EMF": "true", "ONEBOX_CLOUDWATCH_NAMESPACE": "onebox-test"}
-    server = Server(script_dir, workers=2, env=env, split_stdout=True)
-    with server:
-        _send(server)
     # the default interval is 60 s: every worker wrote its lines when it stopped
-    docs = documents(server.stdout())
-    assert docs, server.stdout()
+    docs, stdout = _emf_run(script_dir, env)
+    assert docs, stdout
     assert all(d["ModelName"] == "model" for d in docs)
     assert len(docs) <= 2  # one per worker that answered, not one per request
     _assert_counts(docs)
     directive = docs[0]["_aws"]["CloudWatchMetrics"][0]
     assert directive["Namespace"] == "onebox-test" and directive["Dimensions"] == [["ModelName"]]
     assert {m["Name"]: m["Unit"] for m in directive["Metrics"]}["ModelLatency"] == "Microseconds"
-    other = [line for line in server.stdout().splitlines() if not line.startswith("{")]
+    other = [line for line in stdout.splitlines() if not line.startswith("{")]
     assert all(line.startswith("onebox:") for line in other), other  # nothing else, nothing torn
 
 
 def test_emf_interval_zero_writes_one_line_per_invocation(script_dir):
     # contract case 61
     env = {"ONEBOX_CLOUDWATCH_EMF": "true", "ONEBOX_CLOUDWATCH_EMF_INTERVAL": "0"}
-    server = Server(script_dir, workers=2, env=env, split_stdout=True)
-    with server:
-        _send(server)
-    docs = documents(server.stdout())
+    docs, _ = _emf_run(script_dir, env)
     assert len(docs) == sum(SENT.values())
     assert all(d["Invocations"] == 1 for d in docs)
     _assert_counts(docs)
@@ -224,6 +218,14 @@ def test_a_multi_model_endpoint_reports_each_model_and_its_loads(tmp_path):
         assert values[(load, (("device", "cpu"), ("model", "m1"), ("status", "200")))] == 1
         assert values[(load, (("device", "cpu"), ("model", "m1"), ("status", "409")))] == 1
         assert values[("onebox_model_unload_seconds_count", (("device", "cpu"), ("model", "m2")))] == 1
+
+
+def _emf_run(script_dir, env: dict) -> tuple[list[dict], str]:
+    """_send's invocations to a 2-worker server with ``env``: its EMF documents and its stdout."""
+    server = Server(script_dir, workers=2, env=env, split_stdout=True)
+    with server:
+        _send(server)
+    return documents(server.stdout()), server.stdout()
 
 
 def _assert_counts(docs: list[dict]) -> None:
