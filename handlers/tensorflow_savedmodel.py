@@ -151,7 +151,13 @@ class SavedModelHandler(Handler):
         log.info("SavedModel %s: signature %r on %s", artifact.path, key, self.device_name)
 
     def predict(self, inputs: Tensors) -> Tensors:
-        """Run one batch through the signature; TensorFlow's refusals become 400, OOM 507."""
+        """Run one batch through the signature; TensorFlow's refusals become 400, OOM 507.
+
+        Names, dimensions after the batch's and dtypes were checked and cast against
+        :attr:`signature` when each request arrived (serving.host.validation). The whole batch's
+        shape is checked here, the batch dimension of a fixed-batch signature included: a loaded
+        signature checks none itself, so a wrong shape would fail deep in the graph, or not at all.
+        """
         tf = self._tf
         feed = {}
         for spec in self.signature.inputs:
@@ -159,10 +165,10 @@ class SavedModelHandler(Handler):
                 raise BadRequest(
                     f"missing input {spec.name!r}; the model takes {[s.name for s in self.signature.inputs]}"
                 )
-            array = np.asarray(inputs[spec.name])
+            array = np.asarray(inputs[spec.name], dtype=spec.dtype)
             if spec.name not in self._rank_unknown:
                 _check_shape(spec, array.shape)
-            feed[spec.name] = tf.convert_to_tensor(_as_dtype(array, spec), dtype=self._dtypes[spec.name])
+            feed[spec.name] = tf.convert_to_tensor(array, dtype=self._dtypes[spec.name])
         try:
             with tf.device(self.device_name):
                 outputs = self.function(**feed)
@@ -191,21 +197,8 @@ class SavedModelHandler(Handler):
 
 
 def _check_shape(spec: TensorSpec, shape: tuple) -> None:
-    """Refuse a shape the signature excludes before TensorFlow sees it (a loaded signature checks
-    none: a wrong shape would otherwise fail deep in the graph, or not at all)."""
+    """Refuse a shape the signature excludes before TensorFlow sees it."""
     known = [(i, d) for i, d in enumerate(spec.shape) if d >= 0]
     if len(shape) != len(spec.shape) or any(shape[i] != d for i, d in known):
         want = "[" + ", ".join("?" if d < 0 else str(d) for d in spec.shape) + "]"
         raise BadRequest(f"input {spec.name!r} must have shape {want}, got {list(shape)}")
-
-
-def _as_dtype(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """The array in the signature's dtype; floats into an integer input are refused, not truncated."""
-    dtype = np.dtype(spec.dtype)
-    if array.dtype == dtype or dtype == np.dtype(object):
-        return array
-    if dtype.kind in "iub" and array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-        raise BadRequest(f"input {spec.name!r} must be {dtype.name}, got non-integer values")
-    if array.dtype.kind not in "biuf":
-        raise BadRequest(f"input {spec.name!r} must be {dtype.name}, got {array.dtype}")
-    return array.astype(dtype, copy=False)

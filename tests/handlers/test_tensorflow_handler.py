@@ -12,6 +12,7 @@ from handlers.registry import check_compatible, detect, handler_class
 from handlers.tensorflow_savedmodel import op_message
 from serving.errors import BadRequest, ConfigError, InsufficientMemory
 from serving.host.model_config import load_model_config
+from serving.host.validation import conform_inputs
 from serving.types import BatchMode, Device, ModelConfig
 from tests.support import models
 from tests.support.models import reference
@@ -113,8 +114,11 @@ def test_wrong_shape_dtype_or_names_are_bad_requests_before_tensorflow_runs(mode
     a = np.zeros((2, 4), np.float32)
     with pytest.raises(BadRequest, match=r"input 'a' must have shape \[\?, 4\], got \[2, 5\]"):
         handler.predict({"a": np.zeros((2, 5), np.float32), "n": np.zeros(2, np.int32)})
+    # dtypes: the host's check of each request against the handler's signature, which casts
     with pytest.raises(BadRequest, match="input 'n' must be int32, got non-integer values"):
-        handler.predict({"a": a, "n": np.array([0.5, 1.0])})
+        handler.predict(conform_inputs({"a": a, "n": np.array([0.5, 1.0])}, handler.signature))
+    conformed = conform_inputs({"a": a.astype(np.float64), "n": np.array([1.0, 2.0])}, handler.signature)
+    assert handler.predict(conformed)["twice"].tolist() == [2, 4]
     with pytest.raises(BadRequest, match="missing input 'n'"):
         handler.predict({"a": a})
 
