@@ -1,13 +1,16 @@
 """The Dockerfile lints clean and states the SageMaker container contract (spec §1.1–1.3, §2.1)."""
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -106,11 +109,6 @@ def test_every_copied_path_is_allowed_by_dockerignore():
 def test_image_installs_every_cpu_framework_extra_pinned():
     # onebox itself goes in with the extras of the frameworks the CPU image serves, each pinned in
     # build/requirements/cpu.txt (the constraints of that install)
-    import re
-    import tomllib
-
-    from packaging.requirements import Requirement
-
     installs = [args for args in arguments_of("RUN") if "/opt/onebox/src[" in args]
     assert len(installs) == 1, installs
     extras = set(re.search(r"/opt/onebox/src\[([^\]]+)\]", installs[0]).group(1).split(","))
