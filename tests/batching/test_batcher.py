@@ -680,7 +680,7 @@ def test_a_pipelined_batcher_launches_the_next_batches_while_the_last_answers_ar
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-def test_with_depth_two_the_next_batch_is_launched_while_one_is_still_on_the_device(runner, depth):
+def test_with_depth_two_a_full_batch_is_launched_while_one_is_still_on_the_device(runner, depth):
     launched = []
     batcher = Batcher(
         runner,
@@ -693,24 +693,56 @@ def test_with_depth_two_the_next_batch_is_launched_while_one_is_still_on_the_dev
         first = batcher.submit(rows(2), FAR)
         assert runner.started.wait(WAIT)
         runner.started.clear()
-        small = batcher.submit(rows(1, start=5), FAR)
-        # fewer rows queued than the batch on the device holds: it waits for that batch to end
+        small = batcher.submit(rows(3, start=5), FAR)
+        # a partial batch, and no device time known yet for the one running: it waits for its end
         assert not runner.started.wait(0.3)
         more = batcher.submit(rows(2, start=9), FAR)
-        # as many as it holds: depth 2 launches them behind it, depth 1 waits for it to end
+        # a full batch queued: depth 2 launches it behind the running one, depth 1 waits
         assert runner.started.wait(0.5) == (depth == 2)
-        assert launched == ([2, 3] if depth == 2 else [2])
+        assert launched == ([2, 4] if depth == 2 else [2])
         last = batcher.submit(rows(1, start=20), FAR)
         time.sleep(0.2)
         assert len(launched) == depth  # never more than depth launches on the device
         runner.release()
         for future, inputs in (
             (first, rows(2)),
-            (small, rows(1, start=5)),
+            (small, rows(3, start=5)),
             (more, rows(2, start=9)),
             (last, rows(1, start=20)),
         ):
             assert np.array_equal(future.result(WAIT)["y"], expected(inputs))
+    finally:
+        batcher.close()
+
+
+def test_with_depth_two_the_next_batch_is_launched_when_the_running_one_is_due_to_end(runner):
+    # a batch of 2 rows takes 0.6 s on the "device"; the next one of that size is then expected
+    # to take as long, and a partial batch queued behind it is launched just before its end
+    launched = []
+    batcher = Batcher(
+        runner,
+        BatchPolicy(max_batch_size=4, max_queue=64),
+        launch=lambda inputs: launched.append(time.monotonic()) or runner.launch(inputs),
+        depth=2,
+    )
+    try:
+        runner.hold()
+        timed = batcher.submit(rows(2), FAR)
+        assert runner.started.wait(WAIT)
+        time.sleep(0.6)
+        runner.release()
+        assert np.array_equal(timed.result(WAIT)["y"], expected(rows(2)))
+        runner.hold()
+        running = batcher.submit(rows(2, start=3), FAR)
+        assert runner.started.wait(WAIT)
+        runner.started.clear()
+        queued = batcher.submit(rows(1, start=7), FAR)
+        assert not runner.started.wait(0.3), "launched long before the running batch is due to end"
+        assert runner.started.wait(1.0), "not launched behind the running batch when it was due to end"
+        assert 0.45 < launched[2] - launched[1] < 0.9
+        runner.release()  # the running batch ends only now: the queued one went in behind it
+        assert np.array_equal(running.result(WAIT)["y"], expected(rows(2, start=3)))
+        assert np.array_equal(queued.result(WAIT)["y"], expected(rows(1, start=7)))
     finally:
         batcher.close()
 
