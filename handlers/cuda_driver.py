@@ -26,6 +26,7 @@ _CALLS = {
     "dtod": ("cuMemcpyDtoDAsync_v2", (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)),
     "graph": ("cuGraphLaunch", (ctypes.c_void_p, ctypes.c_void_p)),
     "event": ("cuEventRecord", (ctypes.c_void_p, ctypes.c_void_p)),
+    "wait": ("cuStreamWaitEvent", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)),
 }
 
 
@@ -45,7 +46,7 @@ class CudaDriver:
     """
 
     def __init__(self, enabled: bool = True, calls: dict[str, Callable[..., int]] | None = None):
-        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``) -> a function
+        """``calls``: name (``htod``, ``dtoh``, ``dtod``, ``graph``, ``event``, ``wait``) -> a function
         returning a ``CUresult``, instead of the driver's (tests give ones that copy between
         CPU buffers); a name left out is not queued by the driver."""
         self.enabled = enabled  # the host sets it from Settings.cuda_copy
@@ -113,6 +114,10 @@ class CudaDriver:
     def record(self, event: int, stream: int) -> bool:
         """Record an event (a ``cudaEvent_t`` torch created) on ``stream``."""
         return self._queue("event", event, stream, count="launched")
+
+    def wait(self, stream: int, event: int) -> bool:
+        """Make ``stream`` wait (on the device) for an event recorded on another stream."""
+        return self._queue("wait", stream, event, 0, count="launched")
 
     def _queue(self, name: str, *args, count: str = "queued") -> bool:
         if not self.can(name):  # off, or turned off by a failure earlier in this batch
@@ -200,6 +205,37 @@ def _numpy_dtype(torch_dtype) -> np.dtype | None:
 
 #: the copier of this process's CUDA runners (on unless Settings.cuda_copy is ``torch``)
 DRIVER = CudaDriver()
+
+
+def record_event(event, stream, driver: CudaDriver = DRIVER) -> None:
+    """Record ``event`` (a ``torch.cuda.Event``) on ``stream``: by the driver once torch has
+    created the event (at its first record), else by torch."""
+    handle = getattr(event, "cuda_event", 0)
+    if not (handle and driver.record(handle, stream.cuda_stream)):
+        event.record(stream)
+
+
+def wait_event(stream, event, driver: CudaDriver = DRIVER) -> None:
+    """Make ``stream`` wait for ``event`` on the device: by the driver once the event exists."""
+    handle = getattr(event, "cuda_event", 0)
+    if not (handle and driver.wait(stream.cuda_stream, handle)):
+        stream.wait_event(event)
+
+
+def copy_on_device(target, source, stream, driver: CudaDriver = DRIVER) -> None:
+    """``target.copy_(source)`` on ``stream`` for two CUDA tensors: by the driver (GIL held) when
+    both are contiguous and of one dtype and size, else by torch."""
+    if not (
+        target.dtype == source.dtype
+        and target.shape == source.shape
+        and target.is_contiguous()
+        and source.is_contiguous()
+        and driver.device_to_device(
+            target.data_ptr(), source.data_ptr(), target.numel() * target.element_size(), stream.cuda_stream
+        )
+    ):
+        target.copy_(source)
+
 
 #: outputs up to this size are copied out of pinned memory holding the GIL (``host_copy``)
 HOLD_GIL_BYTES = 4 << 20

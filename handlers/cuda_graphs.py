@@ -79,10 +79,3 @@ def copied_out(lane: Lane, key: tuple, outs: list, stream) -> list:
         ):
             buffer.copy_(out, non_blocking=True)
     return buffers
-
-
-def record_event(event, stream) -> None:
-    """Record ``event`` on ``stream``: by the driver once torch has created the event."""
-    handle = getattr(event, "cuda_event", 0)
-    if not (handle and DRIVER.record(handle, stream.cuda_stream)):
-        event.record(stream)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from handlers.cuda_driver import DRIVER, CudaDriver, RawTarget
+from handlers.cuda_driver import DRIVER, CudaDriver, RawTarget, record_event, wait_event
 from handlers.host_memory import REGIONS, PinnedRegions
 from serving.types import Rows
 
@@ -97,9 +97,9 @@ def device_inputs(
             if rows < len(target):  # padding: the last real row again
                 _pad(target, rows, raw)
         if side is not None:
-            lane.copied.record(side)
+            record_event(lane.copied, side)
     if side is not None:
-        torch.cuda.current_stream(device).wait_event(lane.copied)
+        wait_event(torch.cuda.current_stream(device), lane.copied)
     return [t.reshape(()) if scalar else t for t, scalar in zip(targets, scalars, strict=True)]
 
 

@@ -14,8 +14,8 @@ from functools import partial
 
 import numpy as np
 
-from handlers.cuda_driver import DRIVER, host_copy
-from handlers.cuda_graphs import capture_graph, copied_out, launch_handle, record_event
+from handlers.cuda_driver import DRIVER, copy_on_device, host_copy, record_event
+from handlers.cuda_graphs import capture_graph, copied_out, launch_handle
 from handlers.cuda_inputs import Lane, device_inputs
 from serving.errors import BadRequest, ConfigError, InsufficientMemory
 from serving.types import Device, ModelConfig, Rows, Tensors
@@ -222,7 +222,7 @@ class TorchRunner:
                         else:  # a twin's own buffers, then into the graph's inputs on the device
                             inputs = device_inputs(lane, arrays, self.device, staging)
                             for target, source in zip(static_in, inputs, strict=True):
-                                target.copy_(source)
+                                copy_on_device(target, source, stream)
                         if not (graph_exec and DRIVER.launch_graph(graph_exec, stream.cuda_stream)):
                             graph.replay()
                         host = copied_out(lane, key, outs, stream)

@@ -272,3 +272,70 @@ def test_a_thread_without_the_devices_context_gets_it_made_current_and_the_call_
     failing.make_current = lambda index: False
     assert not failing.host_to_device(target.ctypes.data, source.ctypes.data, source.nbytes, 0)
     assert not failing.enabled
+
+
+# -- a twin lane's hand-over: event record, stream wait, device-to-device copy ---------------------
+
+
+class FakeStream:
+    cuda_stream = 0x5E
+
+    def __init__(self):
+        self.waited = []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+class FakeEvent:
+    def __init__(self, handle):
+        self.cuda_event = handle  # torch's is 0 until the event's first record creates it
+        self.recorded = []
+
+    def record(self, stream):
+        self.recorded.append(stream)
+
+
+def test_a_twins_event_is_recorded_and_waited_for_by_the_driver_once_it_exists():
+    from handlers.cuda_driver import record_event, wait_event
+
+    calls = []
+    driver = CudaDriver(
+        calls={
+            "event": lambda *a: calls.append(("event", *a)) or 0,
+            "wait": lambda *a: calls.append(("wait", *a)) or 0,
+        }
+    )
+    stream, new, made = FakeStream(), FakeEvent(0), FakeEvent(0xE7)
+    record_event(new, stream, driver)
+    wait_event(stream, new, driver)
+    assert new.recorded == [stream] and stream.waited == [new] and calls == []  # torch creates it
+    record_event(made, stream, driver)
+    wait_event(stream, made, driver)
+    assert calls == [("event", 0xE7, 0x5E), ("wait", 0x5E, 0xE7, 0)]
+    assert made.recorded == [] and stream.waited == [new]
+
+
+def test_a_twins_inputs_go_into_the_graphs_by_the_driver_when_they_match(monkeypatch):
+    import ctypes
+
+    from handlers.cuda_driver import copy_on_device
+
+    copies = []
+
+    def dtod(target, source, nbytes, stream):
+        copies.append((nbytes, stream))
+        ctypes.memmove(target, source, nbytes)
+        return 0
+
+    driver = CudaDriver(calls={"dtod": dtod})
+    source = torch.arange(24, dtype=torch.float16).reshape(2, 3, 4)
+    target = torch.zeros(2, 3, 4, dtype=torch.float16)
+    copy_on_device(target, source, FakeStream(), driver)
+    assert torch.equal(target, source) and copies == [(48, 0x5E)]
+    # not contiguous, or another dtype: torch copies (and casts), the driver is not asked
+    target = torch.zeros(2, 3, 4, dtype=torch.float32)
+    copy_on_device(target, source, FakeStream(), driver)
+    copy_on_device(target[:, :, :2], source[:, :, ::2], FakeStream(), driver)
+    assert torch.equal(target[:, :, 2:], source[:, :, 2:].float()) and len(copies) == 1
+    assert torch.equal(target[:, :, :2], source[:, :, ::2].float())
