@@ -40,7 +40,10 @@ class DeviceTimes:
     the collector's wake-up is in both ends and cancels. Kept per padded size as a running
     average; a size not yet seen is scaled from the nearest one that was. The lead is how long
     before that end the next batch is launched: twice the running average of a launch (its
-    copies are queued on the host and then run on the copy engine) and half a millisecond.
+    copies are queued on the host and then run on the copy engine) and half a millisecond, but
+    never more than half the running batch's time: when launches are slow, a lead longer than a
+    small batch would launch each batch the moment the last one went in, and batches would stay
+    small (depth 2 on an H100 fell to batches of 12 rows: benchmarks/RESULTS.md).
     """
 
     def __init__(self, weight: float = 0.2):
@@ -66,7 +69,8 @@ class DeviceTimes:
                 return None
             nearest = min(self._by_size, key=lambda size: abs(size - flight.size))
             took = self._by_size[nearest] * flight.size / nearest
-        return max(flight.launched, self._last_end) + took - (2 * self._launch + 0.0005)
+        lead = min(2 * self._launch + 0.0005, took / 2)
+        return max(flight.launched, self._last_end) + took - lead
 
 
 def launch_ahead(batcher: Batcher, answers: queue.SimpleQueue) -> None:

@@ -836,3 +836,24 @@ def _settles(future, seconds: float = 3.0) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def test_the_lead_before_a_running_batch_ends_is_at_most_half_its_time():
+    from serving.batching.ahead import DeviceTimes
+    from serving.batching.records import Flight
+
+    def flight(size, began, launched):
+        made = Flight([], size, size, False, ())
+        made.began, made.launched = began, launched
+        return made
+
+    times = DeviceTimes(weight=1.0)
+    assert times.due(flight(8, 0.0, 0.001)) is None  # nothing measured yet
+    times.ended(flight(8, 0.0, 0.001), 0.011)  # 10 ms on the device, a 1 ms launch
+    # the lead: twice the launch and 0.5 ms, before the 10 ms a batch of 8 takes
+    assert times.due(flight(8, 0.020, 0.021)) == pytest.approx(0.021 + 0.010 - 0.0025)
+    # a size not seen yet: scaled from the nearest one
+    assert times.due(flight(16, 0.020, 0.021)) == pytest.approx(0.021 + 0.020 - 0.0025)
+    # slow launches (9 ms): the lead is capped at half the running batch's time
+    times.ended(flight(8, 0.030, 0.039), 0.049)
+    assert times.due(flight(8, 0.050, 0.059)) == pytest.approx(0.059 + 0.005)
