@@ -1,4 +1,4 @@
-"""CUDA work queued by the driver with the GIL held: copies, graph launches, event records.
+"""CUDA work queued by the driver with the GIL held: copies, graph launches, event records and waits.
 
 torch's CUDA calls release the GIL and take it back, and in a model host each retake waits up
 to the switch interval while the reader and answer threads run Python. A driver call through

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from serving.batching import Batcher, BatchPolicy, BatchStats
+from serving.batching.ahead import DeviceTimes
+from serving.batching.records import Flight
 from serving.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -839,9 +841,6 @@ def _settles(future, seconds: float = 3.0) -> bool:
 
 
 def test_the_lead_before_a_running_batch_ends_is_at_most_half_its_time():
-    from serving.batching.ahead import DeviceTimes
-    from serving.batching.records import Flight
-
     def flight(size, began, launched):
         made = Flight([], size, size, False, ())
         made.began, made.launched = began, launched

@@ -89,7 +89,7 @@ def test_a_batch_built_in_the_staging_buffer_is_not_copied_into_it_again():
 # -- the driver's copies (CudaDriver), with a "driver" that copies between CPU buffers ----------
 import ctypes  # noqa: E402
 
-from handlers.cuda_driver import CudaDriver, RawTarget  # noqa: E402
+from handlers.cuda_driver import CudaDriver, RawTarget, copy_on_device, record_event, wait_event  # noqa: E402
 from handlers.cuda_inputs import _pad  # noqa: E402
 
 
@@ -297,8 +297,6 @@ class FakeEvent:
 
 
 def test_a_twins_event_is_recorded_and_waited_for_by_the_driver_once_it_exists():
-    from handlers.cuda_driver import record_event, wait_event
-
     calls = []
     driver = CudaDriver(
         calls={
@@ -316,11 +314,7 @@ def test_a_twins_event_is_recorded_and_waited_for_by_the_driver_once_it_exists()
     assert made.recorded == [] and stream.waited == [new]
 
 
-def test_a_twins_inputs_go_into_the_graphs_by_the_driver_when_they_match(monkeypatch):
-    import ctypes
-
-    from handlers.cuda_driver import copy_on_device
-
+def test_a_twins_inputs_go_into_the_graphs_by_the_driver_when_they_match():
     copies = []
 
     def dtod(target, source, nbytes, stream):
